@@ -166,9 +166,15 @@ def validation_message(exc: ValidationError, where: str = "config") -> str:
 def _parse_value(raw: str) -> Any:
     # YAML scalars give the CLI the same typing as the files: 3 → int, 3e-6 → float, null, true.
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads `3e-6` (no dot) as a string; a learning rate is a number
+            return float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
