@@ -29,12 +29,17 @@ _SHORT: dict[str, tuple[str, dict]] = {
     "--limit": ("prompts.limit", {"type": int, "help": "use the first N prompts"}),
     "--max-new-tokens": ("flips.max_new_tokens", {"type": int, "help": "greedy tokens per answer"}),
     "--seed": ("seed", {"type": int}),
+    "--w4": ("pairs.w4_dir", {"help": "ready quantized checkpoint directory"}),
+    "--answer-tokens": ("pairs.max_new_tokens", {"type": int, "help": "greedy tokens per answer"}),
+    "--actors": ("pairs.engine.num_actors", {"type": int, "help": "vLLM engines per model"}),
 }
 
 _STAGE_FLAGS = {
     "quantize": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--seed"],
     "flips": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
               "--max-new-tokens", "--seed"],
+    "generate-pairs": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
+                       "--w4", "--answer-tokens", "--actors", "--seed"],
 }
 
 
@@ -58,9 +63,34 @@ def _cmd_flips(cfg: RunConfig) -> int:
     return 0
 
 
+def _cmd_pairs(cfg: RunConfig) -> int:
+    from qdpo_ray.generate.pairs import run_pairs
+
+    s = run_pairs(cfg)
+    print(format_pairs_summary(s))
+    print(f"wrote {cfg.out}/pairs/ ({s['pairs_kept']} pairs) and {cfg.out}/summary.json")
+    return 0
+
+
+def format_pairs_summary(s: dict) -> str:
+    md = s["mean_first_divergence"]
+    tps = s["tokens_per_s_per_engine"]
+    lines = [
+        f"prompts            {s['prompts']}  (skipped: {s['skipped_empty']} empty, {s['skipped_too_long']} too long)",
+        f"pairs generated    {s['pairs_generated']}  ({s['generated_this_run']} this run)",
+        f"pairs kept         {s['pairs_kept']}  removed: " + ", ".join(f"{k} {v}" for k, v in s["removed"].items()),
+        f"identical rate     {s['identical_rate']:.1%}",
+        f"mean first div.    {md:.1f} tokens" if md is not None else "mean first div.    -",
+        f"tokens/s/engine    {tps:.1f}" if tps else "tokens/s/engine    - (nothing generated this run)",
+        f"wall time          {s['wall_s']:.0f} s (generation {s['generation_wall_s']:.0f} s)",
+    ]
+    return "\n".join(lines)
+
+
 _COMMANDS: dict[str, tuple[Callable[[RunConfig], int], str]] = {
     "quantize": (_cmd_quantize, "RTN-quantize a model and export a packed (compressed-tensors) checkpoint"),
     "flips": (_cmd_flips, "measure token flips of the quantized model against the fp model"),
+    "generate-pairs": (_cmd_pairs, "generate (fp answer, quantized answer) preference pairs with Ray Data + vLLM"),
 }
 
 

@@ -125,6 +125,47 @@ class FlipsConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Prompts per forward batch.")
 
 
+class EngineConfig(_Section):
+    """A pool of vLLM engines (Ray actors). Laptop defaults; on a GPU cluster set gpus_per_actor=1."""
+
+    num_actors: int = Field(1, ge=1, description="vLLM engines per model (fp and quantized each get this many).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per engine (its compute threads on CPU).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per engine; 0 runs vLLM on CPU.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over.")
+    dtype: Literal["bfloat16", "float16"] = Field(
+        "bfloat16", description="Activation dtype of both engines (the W4 kernels need bf16/fp16); the same "
+        "for fp and quantized so that a pair differs by quantization only.")
+    max_model_len: int = Field(2048, ge=64, description="Prompt + answer tokens per sequence.")
+    batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to an engine.")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU engines: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU engines: share of GPU memory.")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start on CPU).")
+
+
+class PairsConfig(_Section):
+    """Preference pairs (paper Algorithm 1): y_w = greedy fp answer, y_l = greedy quantized answer."""
+
+    w4_dir: str | None = Field(
+        None, description="A ready quantized checkpoint (compressed-tensors); null = RTN-quantize "
+        "model.name with the quant section into <out>/w4-rtn first.")
+    max_new_tokens: int = Field(128, ge=1, description="Greedy tokens per answer (both models).")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    drop_identical: bool = Field(True, description="Drop pairs whose two answers are the same tokens.")
+    divergence_window: tuple[int, int] | None = Field(
+        None, description="Keep only pairs whose first divergence index lies in [lo, hi] (inclusive).")
+    min_fp_gap: float | None = Field(
+        None, ge=0, description="Keep only pairs where the fp top-1/top-2 log-prob gap at the first "
+        "divergence is at least this (the fp model was confident where the quantized one left it).")
+    overwrite: bool = Field(False, description="Discard pairs already in `out` from a different config.")
+
+    @field_validator("divergence_window")
+    @classmethod
+    def _window(cls, v):
+        if v is not None and not (0 <= v[0] <= v[1]):
+            raise ValueError("must be [lo, hi] with 0 <= lo <= hi, e.g. [0, 16]")
+        return v
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads the sections it depends on."""
 
@@ -134,6 +175,7 @@ class RunConfig(_Section):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     flips: FlipsConfig = Field(default_factory=FlipsConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
 
     @model_validator(mode="after")
     def _out_non_empty(self) -> "RunConfig":

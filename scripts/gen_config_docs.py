@@ -25,6 +25,26 @@ def _type_name(ann) -> str:
     return s.replace("typing.", "").replace("NoneType", "None").replace(" | ", " or ")
 
 
+def _is_section(ann) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _section(prefix: str, model: type[BaseModel]) -> list[str]:
+    lines = ["", f"## `{prefix}` — {model.__name__}", "", (model.__doc__ or "").strip(), "",
+             "| field | type | default | meaning |", "|---|---|---|---|"]
+    inst, nested = model(), []
+    for fname, f in model.model_fields.items():
+        if _is_section(f.annotation):
+            nested.append((f"{prefix}.{fname}", f.annotation))
+            lines.append(f"| `{prefix}.{fname}` | section | see below | {f.description or ''} |")
+            continue
+        lines.append(f"| `{prefix}.{fname}` | `{_type_name(f.annotation)}` | `{getattr(inst, fname)!r}` | "
+                     f"{(f.description or '').replace('|', '/')} |")
+    for sub_prefix, sub in nested:
+        lines += _section(sub_prefix, sub)
+    return lines
+
+
 def render() -> str:
     lines = [
         "# Configuration reference",
@@ -36,21 +56,12 @@ def render() -> str:
         "out-of-range values are rejected with a message naming the field.",
         "",
     ]
-    top = [(n, f) for n, f in RunConfig.model_fields.items()
-           if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    top = [(n, f) for n, f in RunConfig.model_fields.items() if not _is_section(f.annotation)]
     lines += ["## top level", "", "| field | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{n}` | `{_type_name(f.annotation)}` | `{f.default!r}` | {f.description or ''} |" for n, f in top]
     for name, field in RunConfig.model_fields.items():
-        model = field.annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            continue
-        lines += ["", f"## `{name}` — {model.__name__}", "", (model.__doc__ or "").strip(), "",
-                  "| field | type | default | meaning |", "|---|---|---|---|"]
-        inst = model()
-        for fname, f in model.model_fields.items():
-            default = getattr(inst, fname)
-            lines.append(f"| `{name}.{fname}` | `{_type_name(f.annotation)}` | `{default!r}` | "
-                         f"{(f.description or '').replace('|', '/')} |")
+        if _is_section(field.annotation):
+            lines += _section(name, field.annotation)
     return "\n".join(lines) + "\n"
 
 
