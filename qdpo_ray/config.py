@@ -137,6 +137,8 @@ class EngineConfig(_Section):
         "for fp and quantized so that a pair differs by quantization only.")
     max_model_len: int = Field(2048, ge=64, description="Prompt + answer tokens per sequence.")
     batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to an engine.")
+    max_concurrent_batches: int = Field(
+        4, ge=1, description="Batches one engine works on at once (overlaps batches; 1 = one at a time).")
     kv_cache_gib: int = Field(1, ge=1, description="CPU engines: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU engines: share of GPU memory.")
     enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start on CPU).")

@@ -139,6 +139,7 @@ def _engine_processor(cfg: RunConfig, model_dir: str, with_logprobs: bool, prepr
         engine_kwargs=engine_kwargs,
         runtime_env={"env_vars": env},
         batch_size=e.batch_size,
+        max_concurrent_batches=e.max_concurrent_batches,
         concurrency=e.num_actors,
         accelerator_type=None,
         placement_group_config={"bundles": bundles},

@@ -1,0 +1,162 @@
+"""Pair generation on real components: a local Ray cluster, two real vLLM CPU engines, the shipped model.
+
+One module-scoped run generates the pairs; the other tests check them against plain PyTorch greedy
+decoding, then exercise resume (a deleted part file is regenerated, nothing else) and a killed engine
+actor (Ray restarts it and the run still has exactly one row per prompt).
+"""
+
+import copy
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+N, TOKENS = 12, 24
+
+
+def _cfg(out, **pairs):
+    from qdpo_ray.config import load_config
+
+    over = [f"out={out}", "model.name=smollm2-135m", "prompts.source=builtin:eval", f"prompts.limit={N}",
+            f"pairs.max_new_tokens={TOKENS}", "pairs.engine.dtype=float16", "pairs.engine.batch_size=4",
+            "pairs.drop_identical=false"]
+    over += [f"pairs.{k}={json.dumps(v)}" for k, v in pairs.items()]
+    return load_config(None, over)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, ray_local, embedded_model_dir):
+    from qdpo_ray.generate.pairs import run_pairs
+
+    out = tmp_path_factory.mktemp("pairs")
+    summary = run_pairs(_cfg(out))
+    return out, summary
+
+
+def _agreement(model, rows, key):
+    """Replay each answer through `model` (fp32): share of tokens that are its argmax, worst log-prob gap."""
+    agree = total = 0
+    worst = 0.0
+    for r in rows:
+        p, a = list(r["prompt_token_ids"]), list(r[key])
+        with torch.no_grad():
+            logp = model(torch.tensor([p + a])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(a).unsqueeze(1)).squeeze(1)
+        agree += int((logp.argmax(-1) == torch.tensor(a)).sum())
+        total += len(a)
+        worst = max(worst, float((logp.max(-1).values - chosen).max()))
+    return agree / total, worst
+
+
+def test_pairs_match_fp_and_w4_greedy(generated):
+    from qdpo_ray.config import ModelConfig, PromptsConfig, QuantConfig
+    from qdpo_ray.data import format_prompt, load_prompts
+    from qdpo_ray.generate.hf import greedy_generate
+    from qdpo_ray.generate.pairs import load_pairs
+    from qdpo_ray.models import load_model, load_tokenizer
+    from qdpo_ray.quant.fake_quant import to_fake_quant
+
+    out, summary = generated
+    rows = load_pairs(out)
+    prompts = load_prompts(PromptsConfig(source="builtin:eval", limit=N))
+    assert [r["id"] for r in rows] == [p["id"] for p in prompts.rows]  # one row per prompt, in order
+    tok = load_tokenizer("smollm2-135m")
+    for r, p in zip(rows, prompts.rows):
+        assert r["prompt"] == p["prompt"]
+        assert r["prompt_token_ids"] == format_prompt(tok, p["prompt"], ModelConfig())
+        assert r["chosen"] == tok.decode(r["chosen_token_ids"], skip_special_tokens=True)
+        assert 0 < len(r["chosen_token_ids"]) <= TOKENS and 0 < len(r["rejected_token_ids"]) <= TOKENS
+    fp = load_model("smollm2-135m")
+    hf = greedy_generate(fp, tok, [r["prompt_token_ids"] for r in rows], TOKENS)
+    same_chosen = sum(h == r["chosen_token_ids"] for h, r in zip(hf, rows))
+    fp_rate, fp_gap = _agreement(fp, rows, "chosen_token_ids")
+    w4_rate, w4_gap = _agreement(to_fake_quant(copy.deepcopy(fp), QuantConfig(bits=4)), rows, "rejected_token_ids")
+    print(json.dumps({"chosen_identical_to_hf": same_chosen, "n": N, "fp_agreement": fp_rate, "fp_worst_gap": fp_gap,
+                      "w4_agreement": w4_rate, "w4_worst_gap": w4_gap, "identical_rate": summary["identical_rate"]}))
+    assert same_chosen >= N - 3
+    assert fp_rate >= 0.97 and w4_rate >= 0.97
+    assert fp_gap < 0.1 and w4_gap < 0.1  # any disagreement with fp32 is a near tie
+    assert summary["pairs_generated"] == N and summary["identical_rate"] < 0.5
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["quant"] == "W4A16" and "vllm" in " ".join(meta["versions"])
+
+
+def test_resume_regenerates_only_missing_parts(generated):
+    from qdpo_ray.generate.pairs import load_pairs, run_pairs
+
+    out, _ = generated
+    before = {r["id"]: r for r in load_pairs(out)}
+    parts = sorted((out / "raw").glob("part-*.parquet"))
+    assert len(parts) == N // 4
+    parts[0].unlink()
+    s = run_pairs(_cfg(out))
+    assert s["generated_this_run"] == 4 and s["pairs_generated"] == N
+    after = {r["id"]: r for r in load_pairs(out)}
+    assert after.keys() == before.keys()
+    assert all(after[i]["chosen_token_ids"] == before[i]["chosen_token_ids"] for i in before)  # greedy is exact
+    # a second run with nothing missing starts no engine
+    assert run_pairs(_cfg(out))["generated_this_run"] == 0
+
+
+def test_changed_config_in_same_out_is_refused(generated):
+    from qdpo_ray.config import ConfigError
+    from qdpo_ray.generate.pairs import run_pairs
+
+    out, _ = generated
+    cfg = _cfg(out)
+    cfg.pairs.max_new_tokens = TOKENS + 1
+    with pytest.raises(ConfigError, match="different config.*pairs.overwrite"):
+        run_pairs(cfg)
+
+
+def test_killed_engine_actor_is_restarted(tmp_path, ray_local, embedded_model_dir):
+    from qdpo_ray.generate.pairs import load_pairs, run_pairs
+
+    out = tmp_path / "killed"
+    killed = []
+
+    def engine_pids():
+        pids = []
+        for d in os.listdir("/proc"):
+            try:
+                if d.isdigit() and b"vLLMEngineStageUDF" in Path(f"/proc/{d}/cmdline").read_bytes():
+                    pids.append(int(d))
+            except OSError:
+                pass
+        return pids
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            # mid-run: one batch has gone through both engines and been written, others have not
+            if list((out / "raw").glob("part-*.parquet")) and engine_pids():
+                pid = engine_pids()[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    s = run_pairs(_cfg(out, **{"engine.batch_size": 2, "engine.max_concurrent_batches": 1}))
+    t.join(timeout=5)
+    assert killed, "the engine actor was never killed (run finished too early?)"
+    rows = load_pairs(out)
+    assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == N
+    assert s["pairs_generated"] == N
+    assert len(list((out / "raw").glob("part-*.parquet"))) >= 2
