@@ -32,6 +32,12 @@ _SHORT: dict[str, tuple[str, dict]] = {
     "--w4": ("pairs.w4_dir", {"help": "ready quantized checkpoint directory"}),
     "--answer-tokens": ("pairs.max_new_tokens", {"type": int, "help": "greedy tokens per answer"}),
     "--actors": ("pairs.engine.num_actors", {"type": int, "help": "vLLM engines per model"}),
+    "--pairs": ("train.pairs", {"help": "pairs directory from generate-pairs"}),
+    "--objective": ("train.objective", {"help": "qdpo | kd | dpo_fp_ref"}),
+    "--lr": ("train.lr", {"type": float}),
+    "--max-steps": ("train.max_steps", {"type": int}),
+    "--workers": ("train.num_workers", {"type": int, "help": "Ray Train workers"}),
+    "--lora": ("train.lora.enabled", {"action": "store_const", "const": True, "help": "QDPO + LoRA"}),
 }
 
 _STAGE_FLAGS = {
@@ -40,6 +46,8 @@ _STAGE_FLAGS = {
               "--max-new-tokens", "--seed"],
     "generate-pairs": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
                        "--w4", "--answer-tokens", "--actors", "--seed"],
+    "train": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--pairs", "--objective", "--lr",
+              "--max-steps", "--workers", "--lora", "--seed"],
 }
 
 
@@ -87,9 +95,22 @@ def format_pairs_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_train(cfg: RunConfig) -> int:
+    from qdpo_ray.train.trainer import run_train
+
+    s = run_train(cfg)
+    f = s["final"] or {}
+    print(json.dumps({"objective": s["objective"], "steps": s["steps"], "pairs": s["pairs"],
+                      **{k: f.get(k) for k in ("loss", "rewards/margins", "rewards/accuracies")},
+                      "trainable_params": s["trainable_params"], "export": s.get("export")}, indent=2))
+    print(f"wrote {cfg.out}/metrics.csv, training.png, tensorboard/, summary.json")
+    return 0
+
+
 _COMMANDS: dict[str, tuple[Callable[[RunConfig], int], str]] = {
     "quantize": (_cmd_quantize, "RTN-quantize a model and export a packed (compressed-tensors) checkpoint"),
     "flips": (_cmd_flips, "measure token flips of the quantized model against the fp model"),
+    "train": (_cmd_train, "train the quantized model with QDPO (or KD) on Ray Train + DeepSpeed"),
     "generate-pairs": (_cmd_pairs, "generate (fp answer, quantized answer) preference pairs with Ray Data + vLLM"),
 }
 

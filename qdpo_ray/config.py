@@ -168,6 +168,52 @@ class PairsConfig(_Section):
         return v
 
 
+class LoraConfig(_Section):
+    """QDPO + LoRA (paper Table 7): quantized base frozen, high-precision adapters trained."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of the full (fake-quant) weights.")
+    r: int = Field(64, ge=1, description="Adapter rank (paper: 64).")
+    alpha: int = Field(64, ge=1, description="LoRA alpha (paper: 64).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters.")
+
+
+class TrainConfig(_Section):
+    """QDPO training (paper §4, eq. 5) with Ray Train + DeepSpeed; π_θ starts as π_q (STE fake-quant)."""
+
+    pairs: str = Field("runs/pairs", description="Pairs directory written by `generate-pairs` (or its pairs/).")
+    objective: Literal["qdpo", "kd", "dpo_fp_ref"] = Field(
+        "qdpo", description="qdpo: reference π_q (the paper); kd: KL to the fp teacher on the fp answers "
+        "(LLM-QAT baseline); dpo_fp_ref: DPO with the fp model as reference (ablation).")
+    beta: float = Field(0.1, gt=0, description="β of eq. 5.")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO/QDPO; ipo = IPO.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="> 0 gives conservative DPO (cDPO).")
+    lr: float = Field(3e-5, gt=0, description="Peak learning rate (paper: 3e-6 for 50k pairs on 7B; "
+                      "~3e-5 suits ~400 pairs on the 135M default).")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up (optimizer steps).")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warm-up.")
+    epochs: int = Field(1, ge=1, description="Passes over the pairs (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    per_device_batch_size: int = Field(4, ge=1, description="Pairs per worker per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    max_prompt_len: int = Field(256, ge=1, description="Prompt tokens kept (left-truncated).")
+    max_response_len: int = Field(128, ge=1, description="Response tokens kept (right-truncated).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (bf16 on GPUs).")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload: bool = Field(False, description="ZeRO-Offload optimizer states to CPU (DeepSpeedCPUAdam).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 = CPU/gloo).")
+    checkpoint_every: int = Field(25, ge=1, description="Optimizer steps between checkpoints.")
+    max_failures: int = Field(2, ge=0, description="Worker failures tolerated (restart from the last checkpoint).")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    export: bool = Field(True, description="Export the trained model as a packed checkpoint (<out>/w4-<objective>).")
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads the sections it depends on."""
 
@@ -178,6 +224,7 @@ class RunConfig(_Section):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     flips: FlipsConfig = Field(default_factory=FlipsConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _out_non_empty(self) -> "RunConfig":

@@ -36,3 +36,41 @@ def embedded_model_dir():
     from qdpo_ray.models import resolve_model_path
 
     return resolve_model_path("smollm2-135m")
+
+
+def save_tiny_model_dir(path, seed: int = 0):
+    """A tiny random Llama (hidden 256, 2 layers) with the embedded model's tokenizer, as an HF directory."""
+    from qdpo_ray.models import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path("smollm2-135m"))
+    model = make_tiny_llama(seed=seed, vocab=len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def synthetic_pairs(path, n: int = 16, seed: int = 0, vocab: int = 49152):
+    """A pairs directory in the generate-pairs format with random token ids (for training mechanics)."""
+    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    from qdpo_ray.generate.pairs import _schema, make_pair
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        p = torch.randint(10, vocab, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        c = torch.randint(10, vocab, (int(torch.randint(6, 16, (1,), generator=g)),), generator=g).tolist()
+        r = c[:2] + torch.randint(10, vocab, (int(torch.randint(6, 16, (1,), generator=g)),), generator=g).tolist()
+        rows.append(make_pair({"id": f"s{i:03d}", "prompt_text": f"prompt {i}", "prompt_token_ids": p,
+                               "chosen": "c", "rejected": "r", "chosen_token_ids": c, "rejected_token_ids": r,
+                               "chosen_fp_gaps": [1.0] * len(c)}))
+    (path / "pairs").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), path / "pairs" / "part-00000.parquet")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")

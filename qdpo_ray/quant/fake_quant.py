@@ -61,7 +61,8 @@ class FakeQuantLinear(nn.Linear):
         self.frozen_scale, self.frozen_zero = compute_qparams(self.weight.float(), self.spec)
 
     def quantized_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        # DeepSpeed ZeRO-3 (ds_id) swaps partitioned storage in and out: never cache across forwards there.
+        if (torch.is_grad_enabled() and self.weight.requires_grad) or hasattr(self.weight, "ds_id"):
             return _STEFakeQuant.apply(self.weight, self.spec, self.frozen_scale, self.frozen_zero)
         # Inference (generation, reference log-probs): the weight does not change between forwards,
         # so quantize once per weight version instead of once per decoded token.
