@@ -46,6 +46,8 @@ _STAGE_FLAGS = {
               "--max-new-tokens", "--seed"],
     "generate-pairs": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
                        "--w4", "--answer-tokens", "--actors", "--seed"],
+    "evaluate": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
+                 "--max-new-tokens", "--seed"],
     "train": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--pairs", "--objective", "--lr",
               "--max-steps", "--workers", "--lora", "--seed"],
 }
@@ -107,9 +109,18 @@ def _cmd_train(cfg: RunConfig) -> int:
     return 0
 
 
+def _cmd_evaluate(cfg: RunConfig) -> int:
+    from qdpo_ray.evaluate.compare import results_table, run_evaluate
+
+    print(results_table(run_evaluate(cfg)))
+    print(f"wrote {cfg.out}/results.json, results.md, samples.jsonl, comparison.png")
+    return 0
+
+
 _COMMANDS: dict[str, tuple[Callable[[RunConfig], int], str]] = {
     "quantize": (_cmd_quantize, "RTN-quantize a model and export a packed (compressed-tensors) checkpoint"),
     "flips": (_cmd_flips, "measure token flips of the quantized model against the fp model"),
+    "evaluate": (_cmd_evaluate, "compare quantized/trained models with the fp model: flips, ROUGE-L, exact match, perplexity"),
     "train": (_cmd_train, "train the quantized model with QDPO (or KD) on Ray Train + DeepSpeed"),
     "generate-pairs": (_cmd_pairs, "generate (fp answer, quantized answer) preference pairs with Ray Data + vLLM"),
 }

@@ -214,6 +214,16 @@ class TrainConfig(_Section):
     export: bool = Field(True, description="Export the trained model as a packed checkpoint (<out>/w4-<objective>).")
 
 
+class EvaluateConfig(_Section):
+    """Held-out comparison of quantized models with the fp model (prompts from the prompts section)."""
+
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"rtn": "rtn"},
+        description="label → `rtn` (RTN of model.name with the quant section) or a checkpoint directory; "
+        "the fp model is always included. CLI: --evaluate.models.qdpo=runs/train-qdpo/w4-qdpo")
+    perplexity_texts: int | None = Field(None, ge=1, description="Use the first N perplexity texts (all: 60).")
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads the sections it depends on."""
 
@@ -225,6 +235,7 @@ class RunConfig(_Section):
     flips: FlipsConfig = Field(default_factory=FlipsConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _out_non_empty(self) -> "RunConfig":

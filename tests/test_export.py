@@ -72,3 +72,16 @@ def test_export_is_atomic_on_failure(tiny_llama, tmp_path, monkeypatch):
         export_packed(copy.deepcopy(tiny_llama), None, QuantConfig(bits=4), out)
     assert sorted(p.name for p in out.iterdir()) == before  # old export intact, no partial dir left
     assert [p.name for p in tmp_path.iterdir()] == ["w"]
+
+
+def test_load_model_unpacks_once_and_matches(tiny_llama, tmp_path):
+    from qdpo_ray.models import load_model
+
+    cfg = QuantConfig(bits=4, group_size=32)
+    rtn = quantize_model_rtn(copy.deepcopy(tiny_llama), cfg)
+    out = export_packed(copy.deepcopy(tiny_llama), None, cfg, tmp_path / "w", storage_dtype=torch.float32)
+    m = load_model(str(out))
+    assert not any(hasattr(mod, "weight_packed") for mod in m.modules())
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, rtn(ids).logits)

@@ -1,0 +1,147 @@
+"""Compare quantized models with the fp model on held-out prompts (issue: "does QDPO help?").
+
+For every model (the fp reference, RTN of it, and any trained/exported checkpoints):
+  flip_rate      teacher-force the fp greedy answer; share of positions whose argmax differs (paper §3.1)
+  rouge_l        ROUGE-L F1 of the model's own greedy answer against the fp answer (paper Fig. 2)
+  exact_match    share of prompts whose greedy answer equals the fp answer token for token
+  perplexity     on a text set the models were not trained on (MT-Bench's GPT-4 reference answers)
+All models run in fp32 through transformers (a packed W4 directory is de-quantized on load), so the
+numbers differ from the fp model only by the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qdpo_ray.config import RunConfig
+from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
+from qdpo_ray.evaluate.flips import top2_margin
+from qdpo_ray.generate.hf import greedy_generate, teacher_forced
+from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
+from qdpo_ray.models import load_model, load_tokenizer
+from qdpo_ray.quant.fake_quant import quantize_model_rtn
+
+
+def perplexity_texts(limit: int | None = None) -> list[str]:
+    path = mtbench_path().parent / "reference_answer" / "gpt-4.jsonl"
+    texts = [t for line in path.read_text().splitlines() if line.strip()
+             for t in json.loads(line)["choices"][0]["turns"] if t.strip()]
+    return texts[:limit] if limit else texts
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts: list[str], max_len: int = 512) -> float:
+    nll, n = 0.0, 0
+    for text in texts:
+        ids = tok(text, return_tensors="pt").input_ids[:, :max_len]
+        if ids.shape[1] < 2:
+            continue
+        logits = model(ids).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        n += ids.shape[1] - 1
+    return math.exp(nll / max(1, n))
+
+
+def rouge_l(a: list[str], b: list[str]) -> list[float]:
+    from rouge_score import rouge_scorer
+
+    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [sc.score(x, y)["rougeL"].fmeasure for x, y in zip(a, b)]
+
+
+def _model(label: str, spec: str, fp, cfg: RunConfig):
+    if label == "fp":
+        return fp
+    if spec == "rtn":
+        return quantize_model_rtn(copy.deepcopy(fp), cfg.quant)
+    return load_model(spec, dtype="float32")
+
+
+def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
+    """Evaluate `cfg.evaluate.models` (label → "rtn" or a checkpoint) against the fp model `cfg.model`."""
+    models, ppl_texts = cfg.evaluate.models, cfg.evaluate.perplexity_texts
+    t0 = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(cfg.prompts)
+    tok = load_tokenizer(cfg.model)
+    fp = load_model(cfg.model, dtype="float32")
+    ids = [format_prompt(tok, p, cfg.model) for p in prompts.prompts]
+    n_tok = cfg.flips.max_new_tokens
+    fp_answers = greedy_generate(fp, tok, ids, n_tok, cfg.flips.batch_size)
+    fp_text = [tok.decode(a, skip_special_tokens=True) for a in fp_answers]
+    texts = perplexity_texts(ppl_texts)
+
+    results: dict[str, Any] = {}
+    samples: dict[str, list[str]] = {"fp": fp_text}
+    for label, spec in {"fp": cfg.model.name, **models}.items():
+        m = _model(label, spec, fp, cfg)
+        flips = total = 0
+        for a, lg in zip(fp_answers, teacher_forced(m, ids, fp_answers, cfg.flips.batch_size, tok.pad_token_id or 0)):
+            top, _, _ = top2_margin(lg)
+            flips += int((top != torch.tensor(a)).sum())
+            total += len(a)
+        answers = fp_answers if label == "fp" else greedy_generate(m, tok, ids, n_tok, cfg.flips.batch_size)
+        text = [tok.decode(a, skip_special_tokens=True) for a in answers]
+        samples[label] = text
+        results[label] = {
+            "model": spec, "flip_rate": flips / max(1, total),
+            "rouge_l": sum(rouge_l(text, fp_text)) / len(text),
+            "exact_match": sum(a == b for a, b in zip(answers, fp_answers)) / len(answers),
+            "perplexity": perplexity(m, tok, texts),
+            "mean_answer_tokens": sum(len(a) for a in answers) / len(answers),
+        }
+        if m is not fp:
+            del m
+    report = {"prompts": cfg.prompts.source, "n_prompts": len(ids), "max_new_tokens": n_tok,
+              "quant": cfg.quant.label, "perplexity_texts": f"MT-Bench GPT-4 reference answers ({len(texts)})",
+              "models": results, "wall_s": round(time.time() - t0, 1)}
+    atomic_write_json(out / "results.json", report)
+    atomic_write_text(out / "results.md", results_table(report))
+    _write_samples(out / "samples.jsonl", prompts.rows, samples)
+    _plot(report, out / "comparison.png")
+    return report
+
+
+def results_table(report: dict[str, Any]) -> str:
+    lines = [f"Held-out prompts: `{report['prompts']}` ({report['n_prompts']}), greedy {report['max_new_tokens']} tokens; "
+             f"perplexity on {report['perplexity_texts']}.", "",
+             "| model | flip rate ↓ | ROUGE-L to fp ↑ | exact match ↑ | perplexity ↓ |", "|---|---|---|---|---|"]
+    for label, r in report["models"].items():
+        lines.append(f"| {label} | {r['flip_rate']:.1%} | {r['rouge_l']:.3f} | {r['exact_match']:.1%} | "
+                     f"{r['perplexity']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_samples(path: Path, rows, samples: dict[str, list[str]]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            for i, r in enumerate(rows):
+                f.write(json.dumps({"id": r["id"], "prompt": r["prompt"],
+                                    **{k: v[i] for k, v in samples.items()}}) + "\n")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(report["models"])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, key, title in zip(axes, ["flip_rate", "rouge_l", "exact_match"],
+                              ["flip rate (lower is better)", "ROUGE-L to fp", "exact match with fp"]):
+        ax.bar(labels, [report["models"][k][key] for k in labels], color="tab:blue")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
