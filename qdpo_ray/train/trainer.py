@@ -237,7 +237,8 @@ def _init_ray(t) -> None:
         ray.init()
         return
     need = int(t.num_workers * t.cpus_per_worker) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    # with the dashboard: Ray Train v2 watches its controller through the state API
+    ray.init(num_cpus=max(os.cpu_count() or 1, need))
 
 
 def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
