@@ -159,3 +159,13 @@ def decompress(model):
         if hasattr(module, "quantization_scheme"):
             module.quantization_enabled = False
     return model
+
+
+def checkpoint_dtype(model: ModelConfig | str) -> torch.dtype:
+    """The dtype the checkpoint was saved in (what an export keeps for unquantized tensors)."""
+    from transformers import AutoConfig
+
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
+    hf = AutoConfig.from_pretrained(resolve_model_path(cfg.name), revision=cfg.revision, trust_remote_code=False)
+    dt = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float32
+    return getattr(torch, dt) if isinstance(dt, str) else dt

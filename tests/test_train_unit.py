@@ -1,7 +1,6 @@
 """Batch layout, schedules and data order of the trainer, without Ray."""
 
 import pytest
-import torch
 
 from qdpo_ray.config import TrainConfig
 from qdpo_ray.train.batch import collate, truncate

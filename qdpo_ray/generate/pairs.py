@@ -21,12 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
 from qdpo_ray.io import atomic_path, atomic_write_json
 
@@ -228,21 +228,6 @@ def _ensure_w4(cfg: RunConfig, out: Path) -> str:
     return str(target)
 
 
-def _init_ray(cfg: RunConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    # Local: the two engine pools plus the writer need more logical CPUs than a laptop has cores;
-    # vLLM's threads are set per engine (OMP_NUM_THREADS), so this only admits the actors.
-    e = cfg.pairs.engine
-    need = int(2 * e.num_actors * e.cpus_per_actor) + 4
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-
-
 def run_pairs(cfg: RunConfig) -> dict[str, Any]:
     """Generate, resume, filter and summarize preference pairs into `cfg.out`."""
     import pyarrow as pa
@@ -284,7 +269,8 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
     todo = [r for r in rows if r["id"] not in done]
     gen_s = 0.0
     if todo:
-        _init_ray(cfg)
+        e = cfg.pairs.engine
+        ensure_ray(int(2 * e.num_actors * e.cpus_per_actor) + 4)
         log.info("generating %d pairs (%d already in %s)", len(todo), len(rows) - len(todo), raw_dir)
         t1 = time.time()
         for _ in _build_dataset(cfg, todo, fp_dir, w4_dir, raw_dir).iter_rows():

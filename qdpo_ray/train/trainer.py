@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -228,19 +229,6 @@ def _report_with_checkpoint(engine, cfg, metrics, history, step, rank, final: bo
 # Driver side
 
 
-def _init_ray(t) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    need = int(t.num_workers * t.cpus_per_worker) + 2
-    # with the dashboard: Ray Train v2 watches its controller through the state API
-    ray.init(num_cpus=max(os.cpu_count() or 1, need))
-
-
 def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
     from qdpo_ray.generate.pairs import load_pairs
     from qdpo_ray.train.batch import truncate
@@ -300,7 +288,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rows = reference_rows(cfg, prepare_pairs(cfg), out)
     tok = load_tokenizer(cfg.model)
-    _init_ray(t)
+    ensure_ray(int(t.num_workers * t.cpus_per_worker) + 2)
 
     resources = {"CPU": t.cpus_per_worker}
     if t.gpus_per_worker:
