@@ -1,11 +1,13 @@
-"""One QDPO training step: STE fake-quant policy vs the same step on a plain (unquantized) policy.
+"""One QDPO training step: this project's step vs TRL's DPOTrainer, and fake-quant vs plain.
 
     python benchmarks/bench_train.py [--model smollm2-135m] [--pairs 8] [--steps 3]
 
-Single process, fp32, AdamW, the project's loss and batching; real model, synthetic token pairs of fixed
-lengths (64-token prompts and answers) so both variants process identical tensors. Prints tokens/s and
-peak RSS of each and the fake-quant overhead ratio, measured side by side in one run.
-(The comparison with TRL's DPOTrainer asked for in the training issue is not in this script yet.)
+Three variants, each in a fresh process (so peak RSS is its own), same model, same batch of synthetic
+token pairs (64-token prompts and answers), fp32, AdamW, precomputed reference log-probs:
+  qdpo_plain       the project's step (loss, batching) on an unquantized policy
+  qdpo_fake_quant  the same step on the STE fake-quant W4 policy (what `qdpo-ray train` runs per worker)
+  trl_fake_quant   TRL's DPOTrainer on the same fake-quant policy (precompute_ref_log_probs=True)
+Prints tokens/s and peak RSS of each and the ratios, measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -36,39 +38,93 @@ def step_time(model, batch, ref_c, ref_r, steps: int) -> float:
     return sum(times[1:]) / steps
 
 
+def _rows(pairs: int, length: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt_token_ids": torch.randint(10, 40000, (length,), generator=g).tolist(),
+             "chosen_token_ids": torch.randint(10, 40000, (length,), generator=g).tolist(),
+             "rejected_token_ids": torch.randint(10, 40000, (length,), generator=g).tolist()} for _ in range(pairs)]
+
+
+def run_trl(model, tok, rows: list[dict], steps: int) -> float:
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    ds = Dataset.from_list([{"prompt_ids": r["prompt_token_ids"], "chosen_ids": r["chosen_token_ids"],
+                             "rejected_ids": r["rejected_token_ids"]} for r in rows] * (steps + 1))
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(rows), max_steps=steps + 1,
+                     learning_rate=1e-6, precompute_ref_log_probs=True, report_to=[], save_strategy="no",
+                     use_cpu=True, beta=0.1, max_length=None, logging_steps=10**6, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    return sum(times[1:]) / steps
+
+
+def variant(name: str, a) -> dict:
+    from qdpo_ray.config import QuantConfig
+    from qdpo_ray.models import load_model, load_tokenizer
+    from qdpo_ray.quant.fake_quant import to_fake_quant
+    from qdpo_ray.train.batch import collate
+
+    rows = _rows(a.pairs, a.len)
+    batch = collate(rows)
+    tokens = int(batch["attention_mask"].sum())
+    model = load_model(a.model, dtype="float32").train()
+    if name != "qdpo_plain":
+        model = to_fake_quant(model, QuantConfig(bits=4))
+    if name == "trl_fake_quant":
+        s = run_trl(model, load_tokenizer(a.model), rows, a.steps)
+    else:
+        ref = torch.zeros(a.pairs, dtype=torch.float64)
+        s = step_time(model, batch, ref, ref, a.steps)
+    return {"step_s": s, "tokens_per_s": tokens / s, "tokens_per_step": tokens,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--len", type=int, default=64)
     a = ap.parse_args()
 
-    from qdpo_ray.config import QuantConfig
-    from qdpo_ray.models import load_model
-    from qdpo_ray.quant.fake_quant import to_fake_quant
-    from qdpo_ray.train.batch import collate
+    if a.variant:
+        print("VARIANT", json.dumps(variant(a.variant, a)))
+        return
+    import subprocess
+    import sys
 
-    g = torch.Generator().manual_seed(0)
-    rows = [{"prompt_token_ids": torch.randint(10, 40000, (a.len,), generator=g).tolist(),
-             "chosen_token_ids": torch.randint(10, 40000, (a.len,), generator=g).tolist(),
-             "rejected_token_ids": torch.randint(10, 40000, (a.len,), generator=g).tolist()} for _ in range(a.pairs)]
-    batch = collate(rows)
-    tokens = int(batch["attention_mask"].sum())
-    ref = torch.zeros(a.pairs, dtype=torch.float64)
-    res = {"pairs": a.pairs, "tokens_per_step": tokens, "threads": torch.get_num_threads()}
-    for label in ("plain", "fake_quant"):
-        model = load_model(a.model, dtype="float32").train()
-        if label == "fake_quant":
-            model = to_fake_quant(model, QuantConfig(bits=4))
-        s = step_time(model, batch, ref, ref, a.steps)
-        res[label] = {"step_s": s, "tokens_per_s": tokens / s,
-                      "peak_rss_gb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        print(label, json.dumps(res[label]), flush=True)
-        del model
-    res["fake_quant_overhead"] = res["fake_quant"]["step_s"] / res["plain"]["step_s"]
+    res = {"pairs": a.pairs, "len": a.len, "steps": a.steps, "threads": torch.get_num_threads()}
+    for name in ("qdpo_plain", "qdpo_fake_quant", "trl_fake_quant"):
+        cmd = [sys.executable, __file__, "--variant", name, "--model", a.model, "--pairs", str(a.pairs),
+               "--steps", str(a.steps), "--len", str(a.len)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("VARIANT ")]
+        if not line:
+            res[name] = {"error": out.stderr[-2000:]}
+        else:
+            res[name] = json.loads(line[0][8:])
+        print(name, json.dumps(res[name])[:400], flush=True)
+    ok = all("step_s" in res[k] for k in ("qdpo_plain", "qdpo_fake_quant"))
+    if ok:
+        res["fake_quant_overhead"] = res["qdpo_fake_quant"]["step_s"] / res["qdpo_plain"]["step_s"]
+    if ok and "step_s" in res["trl_fake_quant"]:
+        res["tokens_per_s_vs_trl"] = res["qdpo_fake_quant"]["tokens_per_s"] / res["trl_fake_quant"]["tokens_per_s"]
+        res["peak_rss_vs_trl"] = res["qdpo_fake_quant"]["peak_rss_gb"] / res["trl_fake_quant"]["peak_rss_gb"]
     print("\nRESULT", json.dumps(res, indent=2))
-    print(f"fake-quant step / plain step: {res['fake_quant_overhead']:.2f}x")
 
 
 if __name__ == "__main__":
