@@ -45,7 +45,8 @@ def _rows(pairs: int, length: int) -> list[dict]:
              "rejected_token_ids": torch.randint(10, 40000, (length,), generator=g).tolist()} for _ in range(pairs)]
 
 
-def run_trl(model, tok, rows: list[dict], steps: int) -> float:
+def run_trl(model, tok, rows: list[dict], steps: int) -> tuple[float, int]:
+    """TRL's DPOTrainer on text pairs decoded from the same ids; returns (step seconds, tokens per step)."""
     import tempfile
 
     from datasets import Dataset
@@ -61,14 +62,18 @@ def run_trl(model, tok, rows: list[dict], steps: int) -> float:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
-    ds = Dataset.from_list([{"prompt_ids": r["prompt_token_ids"], "chosen_ids": r["chosen_token_ids"],
-                             "rejected_ids": r["rejected_token_ids"]} for r in rows] * (steps + 1))
+    # TRL 1.16 tokenizes text itself, so it gets the decoded pairs; its own token count is reported.
+    texts = [{k: tok.decode(r[f"{k if k != 'prompt' else 'prompt'}_token_ids"]) for k in ("prompt", "chosen", "rejected")}
+             for r in rows]
+    tokens = sum(len(tok(t["prompt"] + t["chosen"]).input_ids) + len(tok(t["prompt"] + t["rejected"]).input_ids) + 2
+                 for t in texts)
+    ds = Dataset.from_list(texts * (steps + 1))
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(rows), max_steps=steps + 1,
                      learning_rate=1e-6, precompute_ref_log_probs=True, report_to=[], save_strategy="no",
                      use_cpu=True, beta=0.1, max_length=None, logging_steps=10**6, dataloader_num_workers=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     trainer.train()
-    return sum(times[1:]) / steps
+    return sum(times[1:]) / steps, tokens
 
 
 def variant(name: str, a) -> dict:
@@ -84,7 +89,7 @@ def variant(name: str, a) -> dict:
     if name != "qdpo_plain":
         model = to_fake_quant(model, QuantConfig(bits=4))
     if name == "trl_fake_quant":
-        s = run_trl(model, load_tokenizer(a.model), rows, a.steps)
+        s, tokens = run_trl(model, load_tokenizer(a.model), rows, a.steps)
     else:
         ref = torch.zeros(a.pairs, dtype=torch.float64)
         s = step_time(model, batch, ref, ref, a.steps)

@@ -117,7 +117,7 @@ def generation_key(cfg: RunConfig, w4_dir: str) -> dict[str, Any]:
 # Ray Data + vLLM
 
 
-def _engine_processor(cfg: RunConfig, model_dir: str, with_logprobs: bool, preprocess, postprocess):
+def _engine_processor(cfg: RunConfig, model_dir: str, preprocess, postprocess):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     e = cfg.pairs.engine
@@ -193,8 +193,8 @@ def _build_dataset(cfg: RunConfig, rows: list[dict[str, Any]], fp_dir: str, w4_d
         return {"file": [name], "rows": [table.num_rows]}
 
     ds = ray.data.from_items(rows)
-    ds = _engine_processor(cfg, fp_dir, True, fp_pre, fp_post)(ds)
-    ds = _engine_processor(cfg, w4_dir, False, q_pre, q_post)(ds)
+    ds = _engine_processor(cfg, fp_dir, fp_pre, fp_post)(ds)
+    ds = _engine_processor(cfg, w4_dir, q_pre, q_post)(ds)
     return ds.map_batches(write_part, batch_format="pyarrow", batch_size=cfg.pairs.engine.batch_size)
 
 
