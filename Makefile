@@ -1,5 +1,5 @@
 # The two set-up commands of the README:
-#   make demo   create .venv (first time: ~3 min) and run the main job on the embedded default model
+#   make demo   create .venv (first time: ~3 min) and run the whole pipeline on the embedded default model
 #   make test   create .venv if needed and run the test suite (CI runs this)
 VENV ?= .venv
 QDPO := $(VENV)/bin/qdpo-ray
@@ -11,8 +11,7 @@ venv:
 	@bash scripts/setup_venv.sh
 
 demo: venv
-	$(QDPO) flips --config configs/flips.yaml --out runs/demo/flips-w4
-	$(QDPO) quantize --config configs/quantize.yaml --out runs/demo/w4-rtn
+	$(QDPO) pipeline --config configs/default.yaml
 
 test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -21,4 +20,4 @@ test-fast: venv
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-runs:
-	rm -rf runs/demo
+	rm -rf runs/default runs/demo

@@ -3,6 +3,7 @@
     qdpo-ray quantize --model smollm2-135m --bits 4 [--group-size 64] [--symmetric] --out runs/w4
     qdpo-ray flips --model smollm2-135m --bits 4 --prompts builtin:eval --out runs/flips-w4
     qdpo-ray flips --config configs/flips.yaml --quant.bits=3 --quant.group_size=64
+    qdpo-ray pipeline --config configs/default.yaml [--dry-run] [--train.lr=1e-5 ...]
 
 Short flags are spellings of config fields (`--bits` is `--quant.bits`); the config reference is
 docs/configuration.md. Errors in the user's input print one clear message and exit with status 2.
@@ -38,7 +39,22 @@ _SHORT: dict[str, tuple[str, dict]] = {
     "--max-steps": ("train.max_steps", {"type": int}),
     "--workers": ("train.num_workers", {"type": int, "help": "Ray Train workers"}),
     "--lora": ("train.lora.enabled", {"action": "store_const", "const": True, "help": "QDPO + LoRA"}),
+    "--fp": ("serve.fp_model", {"help": "fp model to serve (default: model.name)"}),
+    "--host": ("serve.host", {"help": "bind address (default 127.0.0.1)"}),
+    "--port": ("serve.port", {"type": int, "help": "HTTP port (default 8000)"}),
+    "--dry-run": ("pipeline.dry_run", {"action": "store_const", "const": True,
+                                       "help": "print the stage plan (run / skip / resume, and why) and exit"}),
 }
+
+# A short flag that means another field in one stage (`serve --w4` is the checkpoint to serve).
+_STAGE_SHORT: dict[str, dict[str, tuple[str, dict]]] = {
+    "serve": {"--w4": ("serve.w4_dir", {"help": "quantized checkpoint to serve (default: RTN export of --fp)"})},
+}
+
+
+def _short(stage: str, flag: str) -> tuple[str, dict]:
+    return _STAGE_SHORT.get(stage, {}).get(flag) or _SHORT[flag]
+
 
 _STAGE_FLAGS = {
     "quantize": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--seed"],
@@ -50,6 +66,9 @@ _STAGE_FLAGS = {
                  "--max-new-tokens", "--seed"],
     "train": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--pairs", "--objective", "--lr",
               "--max-steps", "--workers", "--lora", "--seed"],
+    "pipeline": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--answer-tokens", "--actors",
+                 "--objective", "--lr", "--max-steps", "--workers", "--lora", "--seed", "--dry-run"],
+    "serve": ["--fp", "--w4", "--bits", "--group-size", "--symmetric", "--host", "--port", "--out", "--seed"],
 }
 
 
@@ -117,12 +136,37 @@ def _cmd_evaluate(cfg: RunConfig) -> int:
     return 0
 
 
+def _cmd_pipeline(cfg: RunConfig) -> int:
+    from qdpo_ray.pipeline import format_plan, plan, run_pipeline
+
+    if cfg.pipeline.dry_run:
+        print(format_plan(plan(cfg)))
+        return 0
+    r = run_pipeline(cfg)
+    print(f"pipeline finished in {r['wall_s']:.0f} s: " + ", ".join(f"{s['stage']} {s['status']}" for s in r["stages"]))
+    if r["report"]:
+        print(f"report: {r['report']}/README.md")
+    if r["serve"]:
+        print(f"serve the result with:\n  {r['serve']}")
+    return 0
+
+
+def _cmd_serve(cfg: RunConfig) -> int:
+    from qdpo_ray.serve.app import run_serve
+
+    run_serve(cfg)
+    return 0
+
+
 _COMMANDS: dict[str, tuple[Callable[[RunConfig], int], str]] = {
     "quantize": (_cmd_quantize, "RTN-quantize a model and export a packed (compressed-tensors) checkpoint"),
     "flips": (_cmd_flips, "measure token flips of the quantized model against the fp model"),
     "evaluate": (_cmd_evaluate, "compare quantized/trained models with the fp model: flips, ROUGE-L, exact match, perplexity"),
     "train": (_cmd_train, "train the quantized model with QDPO (or KD) on Ray Train + DeepSpeed"),
     "generate-pairs": (_cmd_pairs, "generate (fp answer, quantized answer) preference pairs with Ray Data + vLLM"),
+    "serve": (_cmd_serve, "serve the fp and W4 models (OpenAI API, /compare, comparison page) with Ray Serve"),
+    "pipeline": (_cmd_pipeline, "quantize → flips → pairs → QDPO training → W4 export → evaluation → report, "
+                 "skipping stages already done for the same config"),
 }
 
 
@@ -136,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog="Any config field can be set as --section.key=value, e.g. --quant.bits=3.")
         sp.add_argument("--config", help="YAML config file (see configs/)")
         for flag in _STAGE_FLAGS[name]:
-            field, kwargs = _SHORT[flag]
+            field, kwargs = _short(name, flag)
             sp.add_argument(flag, dest=field, default=None, **kwargs)
     return p
 
@@ -150,7 +194,7 @@ def resolve(argv: list[str]) -> tuple[str, RunConfig, bool]:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --section.key=value)")
     overrides = list(rest)
     for flag in _STAGE_FLAGS[args.command]:
-        field = _SHORT[flag][0]
+        field = _short(args.command, flag)[0]
         value = getattr(args, field, None)
         if value is not None:
             overrides.append(f"{field}={json.dumps(value) if not isinstance(value, str) else value}")

@@ -125,10 +125,9 @@ class FlipsConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Prompts per forward batch.")
 
 
-class EngineConfig(_Section):
-    """A pool of vLLM engines (Ray actors). Laptop defaults; on a GPU cluster set gpus_per_actor=1."""
+class VllmEngineConfig(_Section):
+    """One vLLM engine: where it runs and its memory. Laptop defaults; on a GPU cluster set gpus_per_actor=1."""
 
-    num_actors: int = Field(1, ge=1, description="vLLM engines per model (fp and quantized each get this many).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per engine (its compute threads on CPU).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per engine; 0 runs vLLM on CPU.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over.")
@@ -136,12 +135,18 @@ class EngineConfig(_Section):
         "bfloat16", description="Activation dtype of both engines (the W4 kernels need bf16/fp16); the same "
         "for fp and quantized so that a pair differs by quantization only.")
     max_model_len: int = Field(2048, ge=64, description="Prompt + answer tokens per sequence.")
-    batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to an engine.")
-    max_concurrent_batches: int = Field(
-        4, ge=1, description="Batches one engine works on at once (overlaps batches; 1 = one at a time).")
     kv_cache_gib: int = Field(1, ge=1, description="CPU engines: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU engines: share of GPU memory.")
     enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start on CPU).")
+
+
+class EngineConfig(VllmEngineConfig):
+    """A pool of vLLM engines (Ray actors) for batch generation."""
+
+    num_actors: int = Field(1, ge=1, description="vLLM engines per model (fp and quantized each get this many).")
+    batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to an engine.")
+    max_concurrent_batches: int = Field(
+        4, ge=1, description="Batches one engine works on at once (overlaps batches; 1 = one at a time).")
 
 
 class PairsConfig(_Section):
@@ -224,6 +229,101 @@ class EvaluateConfig(_Section):
     perplexity_texts: int | None = Field(None, ge=1, description="Use the first N perplexity texts (all: 60).")
 
 
+class ReplicasConfig(_Section):
+    """Ray Serve autoscaling of one deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept running (0 = scale to zero when idle).")
+    max_replicas: int = Field(1, ge=1, description="Upper bound the autoscaler may reach.")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Autoscaler target: in-flight requests per replica before it adds one.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once; more queue.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReplicasConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+def _serve_engine() -> VllmEngineConfig:
+    # fp16, not bf16: on CPU the fp16 W4 kernel tracks the fp32 fake-quant model (99.6 % argmax
+    # agreement) while bf16 adds W8-sized noise of its own (docs/results.md); GPUs serve fp16 too.
+    return VllmEngineConfig(dtype="float16")
+
+
+class ServeConfig(_Section):
+    """Ray Serve: the fp model and its W4 model behind one OpenAI-compatible app with /compare."""
+
+    fp_model: str | None = Field(None, description="fp model (HF id, dir or alias); null = model.name.")
+    w4_dir: str | None = Field(
+        None, description="Quantized checkpoint to serve (e.g. <run>/w4-qdpo); null = RTN-quantize the fp "
+        "model with the quant section into <out>/w4-rtn once and serve that.")
+    fp_name: str = Field("fp16", min_length=1, description="Model name clients use for the fp model.")
+    w4_name: str = Field("w4", min_length=1, description="Model name clients use for the quantized model.")
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on all interfaces).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    engine: VllmEngineConfig = Field(default_factory=_serve_engine,
+                                     description="Engine settings, the same for both models.")
+    fp_replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
+    w4_replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
+    ingress_replicas: ReplicasConfig = Field(
+        default_factory=lambda: ReplicasConfig(max_replicas=2, target_ongoing_requests=32, max_ongoing_requests=256))
+    ingress_cpus: float = Field(
+        0.0, ge=0, description="Logical CPUs the ingress reserves (0: it only forwards; with each engine's "
+        "cpus_per_actor the default app needs 2 logical CPUs, so it fits `serve run` on a 2-core laptop).")
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs when `qdpo-ray serve` starts a local Ray; null = enough for the "
+        "configured replicas (max_replicas × cpus_per_actor), at least the core count.")
+    max_prompt_chars: int = Field(8000, ge=1, description="Requests with a longer prompt get 400.")
+    max_tokens: int = Field(512, ge=1, description="Upper limit for a request's max_tokens (400 above it).")
+    compare_max_tokens: int = Field(64, ge=1, description="Default max_tokens of /compare.")
+    api_key_env: str = Field(
+        "QDPO_API_KEY", description="Environment variable holding the bearer token; when it is set, every "
+        "route but /healthz and the page answers 401 without `Authorization: Bearer <token>`.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
+
+    @model_validator(mode="after")
+    def _names(self) -> "ServeConfig":
+        if self.fp_name == self.w4_name:
+            raise ValueError(f"fp_name and w4_name must differ (both {self.fp_name!r})")
+        return self
+
+
+PIPELINE_STAGES = ("quantize", "flips", "pairs", "train", "evaluate", "report")
+
+
+class TrainPromptsConfig(PromptsConfig):
+    """Prompts the pipeline generates preference pairs from (and so trains on)."""
+
+    source: str = Field(
+        "builtin:train",
+        description="Same forms as `prompts.source`; keep it disjoint from `pipeline.eval_prompts` "
+        "(the paper: `hf:Anthropic/hh-rlhf`).",
+    )
+
+
+class PipelineConfig(_Section):
+    """`qdpo-ray pipeline`: which stages run and which prompts each reads. The pipeline takes its prompts
+    from here, never from the top-level `prompts` section, so training and held-out prompts stay apart."""
+
+    stages: list[Literal["quantize", "flips", "pairs", "train", "evaluate", "report"]] = Field(
+        default_factory=lambda: list(PIPELINE_STAGES),
+        description="Stages to run; the stages they need are added (pairs needs quantize, train needs "
+        "pairs, evaluate needs quantize and train). Default: all.")
+    train_prompts: TrainPromptsConfig = Field(default_factory=TrainPromptsConfig)
+    eval_prompts: PromptsConfig = Field(default_factory=PromptsConfig,
+                                        description="Held-out prompts of the flips and evaluate stages.")
+    dry_run: bool = Field(False, description="Print the stage plan (what runs, what is skipped and why) and "
+                          "exit without running anything (CLI: --dry-run).")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"must name at least one of {list(PIPELINE_STAGES)}")
+        return list(dict.fromkeys(v))
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads the sections it depends on."""
 
@@ -236,6 +336,8 @@ class RunConfig(_Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _out_non_empty(self) -> "RunConfig":

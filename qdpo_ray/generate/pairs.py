@@ -28,6 +28,7 @@ from typing import Any
 
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
+from qdpo_ray.generate.engine import engine_settings
 from qdpo_ray.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -121,19 +122,7 @@ def _engine_processor(cfg: RunConfig, model_dir: str, preprocess, postprocess):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     e = cfg.pairs.engine
-    on_gpu = e.gpus_per_actor > 0
-    engine_kwargs = dict(dtype=e.dtype, max_model_len=e.max_model_len, enforce_eager=e.enforce_eager,
-                         tensor_parallel_size=e.tensor_parallel_size, seed=cfg.seed,
-                         trust_remote_code=False, enable_prefix_caching=False)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(e.kv_cache_gib)}
-    if on_gpu:
-        engine_kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
-        bundles = [{"GPU": 1, "CPU": 1}] * e.tensor_parallel_size
-    else:
-        # vLLM's automatic CPU binding pins every engine on a node to the same core; let each engine
-        # use the threads it reserved instead.
-        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(max(1, int(e.cpus_per_actor))))
-        bundles = [{"CPU": e.cpus_per_actor}]
+    engine_kwargs, env, bundles = engine_settings(e, cfg.seed)
     config = vLLMEngineProcessorConfig(
         model_source=model_dir,
         engine_kwargs=engine_kwargs,
@@ -212,20 +201,11 @@ def _read_parts(raw_dir: Path) -> list[dict[str, Any]]:
 
 
 def _ensure_w4(cfg: RunConfig, out: Path) -> str:
-    if cfg.pairs.w4_dir:
-        p = Path(cfg.pairs.w4_dir)
-        if not (p / "config.json").is_file() or "quantization_config" not in json.loads((p / "config.json").read_text()):
-            raise ConfigError(f"pairs.w4_dir={cfg.pairs.w4_dir!r} is not a quantized checkpoint directory "
-                              "(config.json with quantization_config); make one with `qdpo-ray quantize`")
-        return str(p)
-    from qdpo_ray.quant.export import run_quantize
+    from qdpo_ray.quant.export import check_quantized_dir, ensure_rtn_checkpoint
 
-    target = out / "w4-rtn"
-    meta = target / "qdpo_quant.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("quant") == cfg.quant.model_dump(mode="json"):
-        return str(target)
-    run_quantize(cfg.model_copy(update={"out": str(target)}))
-    return str(target)
+    if cfg.pairs.w4_dir:
+        return check_quantized_dir(cfg.pairs.w4_dir, "pairs.w4_dir")
+    return ensure_rtn_checkpoint(cfg, out / "w4-rtn")
 
 
 def run_pairs(cfg: RunConfig) -> dict[str, Any]:

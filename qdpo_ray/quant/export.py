@@ -131,3 +131,27 @@ def run_quantize(cfg) -> Path:
                         extra_readme=f"\nSource model: `{cfg.model.name}`.\n")
     dump_config(cfg, Path(out) / "qdpo_config.yaml")
     return out
+
+
+def check_quantized_dir(path: str, field: str) -> str:
+    """A ready quantized checkpoint given by the user; `field` names the config field in the error."""
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file() or "quantization_config" not in json.loads(cfg_file.read_text()):
+        raise ConfigError(f"{field}={path!r} is not a quantized checkpoint directory (config.json with "
+                          "quantization_config); make one with `qdpo-ray quantize` or `qdpo-ray train`")
+    return str(p)
+
+
+def ensure_rtn_checkpoint(cfg, target: str | Path) -> str:
+    """RTN-export `cfg.model` with `cfg.quant` into `target` unless the same export is already there."""
+    import yaml
+
+    target = Path(target)
+    meta, written = target / "qdpo_quant.json", target / "qdpo_config.yaml"
+    if meta.is_file() and written.is_file():
+        same_quant = json.loads(meta.read_text()).get("quant") == cfg.quant.model_dump(mode="json")
+        same_model = (yaml.safe_load(written.read_text()) or {}).get("model") == cfg.model.model_dump(mode="json")
+        if same_quant and same_model:
+            return str(target)
+    return str(run_quantize(cfg.model_copy(update={"out": str(target)})))

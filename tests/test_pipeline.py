@@ -1,0 +1,281 @@
+"""`qdpo-ray pipeline`: the stage plan, content hashes, skip / resume / re-run, atomic markers, and one
+small real run on the embedded model (then a re-run that skips everything)."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qdpo_ray import pipeline as pl
+from qdpo_ray.cli import main
+from qdpo_ray.config import PIPELINE_STAGES, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(out, *over):
+    return load_config(None, [f"out={out}", *over])
+
+
+def _hashes(cfg):
+    return {s.name: s.hash for s in pl.plan(cfg)}
+
+
+@pytest.fixture
+def fake_runners(monkeypatch):
+    """Stage functions that only write their product file, and record that they ran."""
+    calls = []
+
+    def make(name):
+        def run(st, done):
+            calls.append(name)
+            st.out.mkdir(parents=True, exist_ok=True)
+            (st.out / pl.PRODUCT[name]).write_text("{}")
+            return {"ok": True}
+        return run
+
+    for name in PIPELINE_STAGES:
+        monkeypatch.setitem(pl.RUNNERS, name, make(name))
+    return calls
+
+
+def _run(cfg):
+    return pl.execute(pl.plan(cfg), echo=lambda s: None)
+
+
+def test_plan_of_a_fresh_dir(tmp_path):
+    stages = pl.plan(_cfg(tmp_path / "run"))
+    assert [s.name for s in stages] == list(PIPELINE_STAGES)
+    assert all(s.status == "run" for s in stages)
+    by = {s.name: s for s in stages}
+    assert by["train"].deps == ("pairs",) and by["evaluate"].deps == ("quantize", "train")
+    assert by["pairs"].cfg.pairs.w4_dir == str(by["quantize"].out)
+    assert by["train"].cfg.train.pairs == str(by["pairs"].out)
+    assert by["pairs"].cfg.prompts.source == "builtin:train" and by["flips"].cfg.prompts.source == "builtin:eval"
+    assert by["evaluate"].out == (tmp_path / "run" / "eval").resolve()
+    assert len({s.hash for s in stages}) == len(stages)
+
+
+@pytest.mark.parametrize("override,changed", [
+    ("train.lr=1e-5", {"train", "evaluate", "report"}),
+    ("quant.bits=8", set(PIPELINE_STAGES)),
+    ("flips.max_new_tokens=32", {"flips", "evaluate", "report"}),
+    ("pairs.max_new_tokens=32", {"pairs", "train", "evaluate", "report"}),
+    ("pipeline.eval_prompts.limit=10", {"flips", "evaluate", "report"}),
+    ("pipeline.train_prompts.limit=10", {"pairs", "train", "evaluate", "report"}),
+    ("evaluate.perplexity_texts=5", {"evaluate", "report"}),
+    ("model.name=some/other-model", set(PIPELINE_STAGES)),
+    ("pipeline.dry_run=true", set()),
+    ("pairs.overwrite=true", set()),
+])
+def test_hash_changes_exactly_downstream(tmp_path, override, changed):
+    base = _hashes(_cfg(tmp_path))
+    new = _hashes(_cfg(tmp_path, override))
+    assert {k for k in base if base[k] != new[k]} == changed
+
+
+def test_hashes_do_not_depend_on_the_run_dir(tmp_path):
+    assert _hashes(_cfg(tmp_path / "a")) == _hashes(_cfg(tmp_path / "b"))
+
+
+def test_stage_selection_adds_what_is_needed(tmp_path):
+    assert pl.selected(["evaluate"]) == ["quantize", "pairs", "train", "evaluate"]
+    assert pl.selected(["flips", "report"]) == ["flips", "report"]
+    stages = pl.plan(_cfg(tmp_path, "pipeline.stages=[flips, report]"))
+    assert [s.name for s in stages] == ["flips", "report"] and stages[1].deps == ("flips",)
+
+
+def test_skip_rerun_and_resume(tmp_path, fake_runners):
+    out = tmp_path / "run"
+    _run(_cfg(out))
+    assert fake_runners == list(PIPELINE_STAGES)
+    marker = json.loads((out / ".stage-train.json").read_text())
+    assert marker["state"] == "done" and marker["hash"] == _hashes(_cfg(out))["train"]
+
+    fake_runners.clear()
+    stages = _run(_cfg(out))
+    assert fake_runners == [] and all(s.status == "skip" for s in stages)
+
+    # A changed training field re-runs training and what follows, into a clean directory.
+    (out / "train" / "stale.bin").write_text("x")
+    stages = pl.plan(_cfg(out, "train.lr=1e-5"))
+    assert {s.name: s.status for s in stages} == {"quantize": "skip", "flips": "skip", "pairs": "skip",
+                                                  "train": "rerun", "evaluate": "rerun", "report": "rerun"}
+    assert "train.lr" in stages[3].reason
+    pl.execute(stages, echo=lambda s: None)
+    assert fake_runners == ["train", "evaluate", "report"] and not (out / "train" / "stale.bin").exists()
+
+
+def test_crash_then_continue(tmp_path, fake_runners, monkeypatch):
+    out = tmp_path / "run"
+
+    def crash(st, done):
+        st.out.mkdir(parents=True, exist_ok=True)
+        (st.out / "checkpoint").write_text("half")  # what a resumable stage continues from
+        raise RuntimeError("worker died")
+
+    monkeypatch.setitem(pl.RUNNERS, "train", crash)
+    with pytest.raises(RuntimeError, match="worker died"):
+        _run(_cfg(out))
+    assert json.loads((out / ".stage-train.json").read_text())["state"] == "running"
+    assert not (out / ".stage-evaluate.json").exists()
+
+    fake_runners.clear()
+    resumed = []
+
+    def train_again(st, done):
+        resumed.append((st.out / "checkpoint").read_text())  # resumed in place: the checkpoint is still there
+        (st.out / "summary.json").write_text("{}")
+        return {}
+
+    stages = pl.plan(_cfg(out))
+    assert {s.name: s.status for s in stages} == {"quantize": "skip", "flips": "skip", "pairs": "skip",
+                                                  "train": "resume", "evaluate": "run", "report": "run"}
+    monkeypatch.setitem(pl.RUNNERS, "train", train_again)
+    pl.execute(stages, echo=lambda s: None)
+    assert resumed == ["half"] and fake_runners == ["evaluate", "report"]
+    assert all(s.status == "skip" for s in pl.plan(_cfg(out)))
+
+
+def test_foreign_output_missing_product_and_corrupt_marker(tmp_path, fake_runners):
+    out = tmp_path / "run"
+    (out / "flips").mkdir(parents=True)
+    (out / "flips" / "old.txt").write_text("from another tool")
+    st = {s.name: s for s in pl.plan(_cfg(out))}
+    assert st["flips"].status == "rerun" and "without a pipeline marker" in st["flips"].reason
+    _run(_cfg(out))
+    assert not (out / "flips" / "old.txt").exists()
+
+    (out / "pairs" / "summary.json").unlink()  # output deleted by hand: pairs and everything after it run
+    st = {s.name: s.status for s in pl.plan(_cfg(out))}
+    assert st == {"quantize": "skip", "flips": "skip", "pairs": "run", "train": "rerun", "evaluate": "rerun",
+                  "report": "rerun"}
+
+    (out / ".stage-quantize.json").write_text('{"stage": "quantize", "ha')  # torn write
+    assert pl.plan(_cfg(out))[0].status == "rerun"
+
+
+def test_done_marker_is_atomic(tmp_path, fake_runners, monkeypatch):
+    """A crash while the done marker is written leaves the `running` marker whole, never half a file."""
+    import os
+
+    from qdpo_ray import io
+
+    out = tmp_path / "run"
+    cfg = _cfg(out, "pipeline.stages=[quantize]")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith(".stage-quantize.json") and json.loads(Path(src).read_text())["state"] == "done":
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        _run(cfg)
+    marker = json.loads((out / ".stage-quantize.json").read_text())
+    assert marker["state"] == "running"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert pl.plan(cfg)[0].status == "rerun"  # an interrupted non-resumable stage starts over
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("quant.bits=3", "quant.bits=3"),
+    ("prompts.limit=5", "pipeline.train_prompts"),
+    ("pairs.w4_dir=/some/dir", "pairs.w4_dir"),
+    ("train.pairs=runs/x", "train.pairs"),
+    ("train.export=false", "train.export"),
+    ("pipeline.stages=[]", "pipeline.stages"),
+    ("pipeline.stages=[serve]", "pipeline.stages"),
+])
+def test_bad_pipeline_settings_name_the_field(tmp_path, override, expect, capsys):
+    assert main(["pipeline", "--out", str(tmp_path), f"--{override}", "--dry-run"]) == 2
+    assert expect in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    assert main(["pipeline", "--config", "configs/default.yaml", "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for name in PIPELINE_STAGES:
+        assert name in text
+    assert not (tmp_path / "r").exists()
+
+
+def test_paper_recipe_loads_and_plans(tmp_path, capsys):
+    cfg = load_config(REPO / "configs" / "paper_vicuna7b_hh.yaml", [f"out={tmp_path / 'paper'}"])
+    assert cfg.model.name == "lmsys/vicuna-7b-v1.5"
+    tp = cfg.pipeline.train_prompts
+    assert (tp.source, tp.limit) == ("hf:Anthropic/hh-rlhf", 50000)
+    assert (cfg.train.lr, cfg.train.beta, cfg.train.zero_stage) == (3e-6, 0.1, 3)
+    assert cfg.quant.label == "W4A16" and cfg.train.objective == "qdpo"
+    assert cfg.train.gpus_per_worker >= 1 and cfg.pairs.engine.gpus_per_actor >= 1
+    stages = pl.plan(cfg)  # no model, no dataset, no Ray: planning only reads the run dir
+    assert [s.name for s in stages] == list(PIPELINE_STAGES) and all(s.status == "run" for s in stages)
+    assert main(["pipeline", "--config", "configs/paper_vicuna7b_hh.yaml", "--out", str(tmp_path / "p"),
+                 "--dry-run"]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_demo_runs_the_default_pipeline():
+    make = (REPO / "Makefile").read_text()
+    assert "pipeline --config configs/default.yaml" in make
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg.model.name == "smollm2-135m" and cfg.quant.label == "W4A16"
+
+
+# --------------------------------------------------------------------------------------------------
+# A real run (embedded model, real vLLM engines, Ray Train + DeepSpeed), sized to a few minutes.
+
+TINY = ["--pipeline.train_prompts.limit=8", "--pipeline.eval_prompts.limit=8", "--pairs.max_new_tokens=16",
+        "--pairs.drop_identical=false", "--pairs.engine.batch_size=4", "--flips.max_new_tokens=16",
+        "--train.max_steps=2", "--train.per_device_batch_size=2", "--train.warmup_steps=0",
+        "--train.checkpoint_every=2", "--evaluate.perplexity_texts=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_real_pipeline_then_everything_skipped(tmp_path, embedded_model_dir):
+    out = tmp_path / "run"
+    args = ["pipeline", "--config", "configs/default.yaml", "--out", str(out), *TINY]
+    proc = subprocess.run([sys.executable, "-m", "qdpo_ray.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert f"qdpo-ray serve --fp smollm2-135m --w4 {out.resolve()}/train/w4-qdpo" in proc.stdout
+
+    rep = out / "report"
+    for f in ("README.md", "results.json", "margins.png", "training.png", "comparison.png", "comparison_table.png"):
+        assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
+    res = json.loads((rep / "results.json").read_text())
+    models = res["evaluate"]["models"]
+    assert list(models) == ["fp", "rtn", "qdpo"]
+    assert models["fp"]["flip_rate"] == 0.0 and models["fp"]["rouge_l"] == pytest.approx(1.0)
+    for label in ("rtn", "qdpo"):
+        m = models[label]
+        assert 0.0 < m["flip_rate"] < 1.0 and 0.0 <= m["rouge_l"] <= 1.0 and 0.0 <= m["exact_match"] <= 1.0
+        assert 1.0 < m["perplexity"] < 1e4 and math.isfinite(m["perplexity"])
+    assert res["evaluate"]["n_prompts"] == 8 and res["flips"]["n_prompts"] == 8 and res["flips"]["n_tokens"] > 0
+    assert res["pairs"]["pairs_generated"] == 8 and res["train"]["steps"] == 2
+    assert res["train"]["first"]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # π_θ ≡ π_q at step 1
+    assert set(res["stage_wall_s"]) == {"quantize", "flips", "pairs", "train", "evaluate"}
+    readme = (rep / "README.md").read_text()
+    assert "| rtn |" in readme and "| qdpo |" in readme and "qdpo-ray serve" in readme
+    assert Path(models["qdpo"]["model"], "config.json").is_file()
+
+    # The same command again: every stage is skipped, nothing is loaded, no Ray is started.
+    from qdpo_ray.cli import resolve
+    from qdpo_ray.pipeline import run_pipeline
+
+    t0 = time.time()
+    _, cfg, _ = resolve(args)
+    r = run_pipeline(cfg, echo=lambda s: None)
+    assert [s["status"] for s in r["stages"]] == ["skip"] * len(PIPELINE_STAGES)
+    assert time.time() - t0 < 20
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    # …and a changed evaluation setting re-runs only evaluate and the report.
+    _, cfg2, _ = resolve(args + ["--evaluate.perplexity_texts=3"])
+    assert [s.status for s in pl.plan(cfg2)] == ["skip"] * 4 + ["rerun", "rerun"]

@@ -1,0 +1,246 @@
+"""The Serve app on real components: local Ray, two vLLM CPU engines (the embedded model and its W4 RTN
+export), real HTTP on loopback, the official `openai` client, headless Chromium for the page.
+
+The module deploys once (~2 min on 2 cores) with a bearer token set, like a user who exports
+QDPO_API_KEY; the last test redeploys without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+KEY = "test-key-0123"
+ARTIFACTS = Path(os.environ.get("QDPO_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(out, port: int):
+    from qdpo_ray.config import load_config
+
+    # fp16 engines: on CPU they track the fp32 reference closely (docs/results.md); max_model_len small
+    # keeps the KV cache allocation quick.
+    return load_config(None, [f"out={out}", f"serve.port={port}", "serve.engine.max_model_len=512",
+                              "serve.max_tokens=128", "serve.max_prompt_chars=2000"])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, embedded_model_dir):
+    import ray
+    from ray import serve
+
+    from qdpo_ray.serve.app import start
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # Ray first, then the key: the token must reach the ingress through the app's runtime_env, not
+    # through the environment Ray's processes inherited.
+    ray.init(num_cpus=4, include_dashboard=False)
+    os.environ["QDPO_API_KEY"] = KEY
+    cfg = _cfg(tmp_path_factory.mktemp("serve"), _free_port())
+    try:
+        start(cfg)
+        yield cfg, f"http://127.0.0.1:{cfg.serve.port}"
+    finally:
+        os.environ.pop("QDPO_API_KEY", None)
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, timeout=300, max_retries=0)
+
+
+def _post(base: str, path: str, body, token: str | None = KEY, raw: bytes | None = None):
+    import httpx
+
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.post(base + path, headers=headers, content=raw if raw is not None else json.dumps(body), timeout=300)
+
+
+def test_models_and_chat_with_openai_client(client):
+    assert {m.id for m in client.models.list().data} == {"fp16", "w4"}
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="fp16", messages=msgs, max_tokens=16, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens > 0
+
+    # Streaming returns the same greedy answer in pieces.
+    full = client.chat.completions.create(model="w4", messages=msgs, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model="w4", messages=msgs, max_tokens=16, temperature=0,
+                                                 stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and streamed == full.choices[0].message.content
+
+    comp = client.completions.create(model="fp16", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert comp.choices[0].text.strip()
+
+
+def _greedy_ids(client, model: str, prompt: str, n: int) -> list[int]:
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                       max_tokens=n, temperature=0, extra_body={"return_token_ids": True})
+    return list(r.choices[0].token_ids)
+
+
+def test_compare_matches_two_greedy_runs(server, client):
+    from qdpo_ray.config import PromptsConfig
+    from qdpo_ray.data import load_prompts
+
+    _, base = server
+    n = 24
+    found = None
+    for prompt in load_prompts(PromptsConfig(source="builtin:eval", limit=6)).prompts:
+        r = _post(base, "/compare", {"prompt": prompt, "max_tokens": n})
+        assert r.status_code == 200, r.text
+        data = r.json()
+        if data["first_divergence"] is not None:
+            found = (prompt, data)
+            break
+    assert found, "W4 RTN answers matched fp on 6 eval prompts; at 34 % flips this should not happen"
+    prompt, data = found
+    fp_ids, w4_ids = _greedy_ids(client, "fp16", prompt, n), _greedy_ids(client, "w4", prompt, n)
+    assert data["fp"]["token_ids"] == fp_ids and data["w4"]["token_ids"] == w4_ids
+    d = next(i for i, (a, b) in enumerate(zip(fp_ids, w4_ids)) if a != b)
+    assert data["first_divergence"] == d == data["divergence"]["index"]
+    assert data["divergence"]["fp_token"]["id"] == fp_ids[d] and data["divergence"]["w4_token"]["id"] == w4_ids[d]
+    fp = data["fp"]
+    assert len(fp["top2_gaps"]) == len(fp["tokens"]) == len(fp_ids)
+    assert all(g is None or g >= 0 for g in fp["top2_gaps"])
+    assert data["divergence"]["fp_gap"] == fp["top2_gaps"][d]
+    assert 0.0 <= data["rouge_l"] < 1.0
+    for side in ("fp", "w4"):
+        assert data[side]["latency_s"] > 0 and data[side]["tokens_per_s"] > 0
+
+
+BAD = [
+    ("/v1/chat/completions", None, b"{not json", "body"),
+    ("/v1/chat/completions", {"model": "fp16", "messages": []}, None, "messages"),
+    ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "  "}]}, None, "messages"),
+    ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "x" * 2001}]}, None, "messages"),
+    ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 129}, None, "max_tokens"),
+    ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, None, "max_tokens"),
+    ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, None, "temperature"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, None, "model"),
+    ("/v1/completions", {"model": "w4", "prompt": ""}, None, "prompt"),
+    ("/v1/completions", {"model": "w4", "prompt": "hi", "temperature": -1}, None, "temperature"),
+    ("/compare", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, None, None),
+    ("/compare", {"prompt": ""}, None, "messages"),
+    ("/compare", {"prompt": "hi", "max_tokens": 10_000}, None, "max_tokens"),
+    ("/compare", {"prompt": "hi", "colour": "red"}, None, "colour"),
+]
+
+
+@pytest.mark.parametrize("path,body,raw,param", BAD, ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_input_is_4xx_and_server_keeps_serving(server, path, body, raw, param):
+    _, base = server
+    r = _post(base, path, body, raw=raw)
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert err["message"]
+    if param:
+        assert err["param"] == param and param in err["message"], err
+    ok = _post(base, "/v1/chat/completions",
+               {"model": "w4", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_32_concurrent_requests(server):
+    import httpx
+
+    _, base = server
+
+    async def one(client, i):
+        body = {"model": ("fp16", "w4")[i % 2], "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": f"Give me a number larger than {i}."}]}
+        r = await client.post(base + "/v1/chat/completions", json=body)
+        return r.status_code, r.json()
+
+    async def main():
+        async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    errors = [r for r in results if r[0] != 200]
+    assert not errors, errors[:3]
+    assert all(r[1]["choices"][0]["message"]["content"] for r in results)
+
+
+def test_auth_required_except_health_and_page(server):
+    import httpx
+
+    _, base = server
+    for path, body in [("/v1/chat/completions", {"model": "w4", "messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/completions", {"model": "w4", "prompt": "hi"}), ("/compare", {"prompt": "hi"})]:
+        for token in (None, "wrong"):
+            r = _post(base, path, body, token=token)
+            assert r.status_code == 401, (path, token, r.text)
+            assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(base + "/v1/models").status_code == 401
+    assert httpx.get(base + "/healthz").json()["status"] == "ok"
+    page = httpx.get(base + "/")
+    assert page.status_code == 200 and "<textarea" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: the page works offline
+    assert httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    # CORS is off by default: no allow-origin header for a foreign origin.
+    r = httpx.get(base + "/healthz", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_page_in_headless_chromium(server):
+    browser_bin = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser_bin:
+        pytest.skip("Debian `chromium` is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    _, base = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_bin, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(base + "/")
+            page.fill("#prompt", "Name three primary colors.")
+            page.fill("#max_tokens", "24")
+            page.fill("#key", KEY)
+            page.click("#submit")
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=300_000)
+            fp_text, w4_text = page.inner_text("#fp"), page.inner_text("#w4")
+            stats = page.inner_text("#stats")
+            page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert fp_text.strip() and w4_text.strip()
+    assert "ROUGE-L" in stats and "first divergence" in stats
+    assert (ARTIFACTS / "serve-page.png").stat().st_size > 10_000
+
+
+def test_without_key_routes_are_open(server):
+    """Redeploy with QDPO_API_KEY unset: requests without a token are served."""
+    import httpx
+
+    from qdpo_ray.serve.app import start
+
+    cfg, base = server
+    os.environ.pop("QDPO_API_KEY", None)
+    start(cfg)
+    assert httpx.get(base + "/v1/models").status_code == 200
+    r = _post(base, "/compare", {"prompt": "Say hi.", "max_tokens": 4}, token=None)
+    assert r.status_code == 200 and r.json()["fp"]["text"]
