@@ -207,7 +207,9 @@ def test_auth_required_except_health_and_page(server):
 def test_page_in_headless_chromium(server):
     browser_bin = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser_bin:
-        pytest.skip("Debian `chromium` is not installed (.ci/run installs it)")
+        if os.environ.get("QDPO_REQUIRE_BROWSER"):
+            pytest.fail("chromium not found; install Debian's `chromium` (apt-get install chromium)")
+        pytest.skip("Debian `chromium` is not installed (.ci/run installs it; apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     _, base = server

@@ -139,21 +139,24 @@ def run_serve(cfg: RunConfig) -> None:
         serve.shutdown()
 
 
+def _args_config(args: dict[str, Any] | None) -> RunConfig:
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = list(args.pop("overrides", None) or [])
+    flat = [f"{k}={v}" for k, v in _flatten(args)]
+    try:
+        return load_config(path, flat + overrides)
+    except ConfigError as e:
+        raise ConfigError(f"serve/config.yaml args: {e}") from None
+
+
 def app_builder(args: dict[str, Any] | None = None):
     """Application builder for Ray's `serve run` / `serve deploy` (serve/config.yaml `args:`).
 
     `args` is a partial run config (`model:`, `quant:`, `serve:`, `out:` …), optionally with
     `config: <yaml>` loaded first and `overrides: [serve.w4_dir=…]` applied last.
     """
-    args = dict(args or {})
-    path = args.pop("config", None)
-    overrides = list(args.pop("overrides", None) or [])
-    flat = [f"{k}={v}" for k, v in _flatten(args)]
-    try:
-        cfg = load_config(path, flat + overrides)
-    except ConfigError as e:
-        raise ConfigError(f"serve/config.yaml args: {e}") from None
-    return build_app(cfg)
+    return build_app(_args_config(args))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
