@@ -1,8 +1,8 @@
 """The Serve app on real components: local Ray, two vLLM CPU engines (the embedded model and its W4 RTN
 export), real HTTP on loopback, the official `openai` client, headless Chromium for the page.
 
-The module deploys once (~2 min on 2 cores) with a bearer token set, like a user who exports
-QDPO_API_KEY; the last test redeploys without it.
+The module runs `qdpo-ray serve` once (~1.5 min to ready on 2 cores) with a bearer token set, like a
+user who exports QDPO_API_KEY; the last test stops it with Ctrl-C and starts it again without one.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,43 +32,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(out, port: int):
-    from qdpo_ray.config import load_config
+class Server:
+    """`qdpo-ray serve` as a user runs it: a subprocess with its own local Ray, stopped with Ctrl-C."""
 
-    # fp16 engines: on CPU they track the fp32 reference closely (docs/results.md); max_model_len small
-    # keeps the KV cache allocation quick.
-    return load_config(None, [f"out={out}", f"serve.port={port}", "serve.engine.max_model_len=512",
-                              "serve.max_tokens=128", "serve.max_prompt_chars=2000"])
+    def __init__(self, out: Path, port: int, key: str | None):
+        self.out, self.port, self.base = out, port, f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if k not in ("QDPO_API_KEY", "RAY_ADDRESS")}
+        if key:
+            env["QDPO_API_KEY"] = key
+        # fp16 engines; a short max_model_len keeps the KV-cache allocation quick.
+        cmd = [str(Path(sys.executable).parent / "qdpo-ray"), "serve", "--port", str(port), "--out", str(out),
+               "--serve.engine.max_model_len=512", "--serve.max_tokens=128", "--serve.max_prompt_chars=2000"]
+        self.log = open(out / "serve.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 900) -> None:
+        import httpx
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qdpo-ray serve exited with {self.proc.returncode}; log: {self.out / 'serve.log'}")
+            try:
+                if httpx.get(self.base + "/healthz", timeout=5).status_code == 200 and \
+                        "serving" in (self.out / "serve.log").read_text():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"qdpo-ray serve not ready after {timeout} s; log: {self.out / 'serve.log'}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does: serve.shutdown(), then Ray exits
+        try:
+            return self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+        finally:
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, embedded_model_dir):
-    import ray
-    from ray import serve
-
-    from qdpo_ray.serve.app import start
-
-    if ray.is_initialized():
-        ray.shutdown()
-    # Ray first, then the key: the token must reach the ingress through the app's runtime_env, not
-    # through the environment Ray's processes inherited.
-    ray.init(num_cpus=4, include_dashboard=False)
-    os.environ["QDPO_API_KEY"] = KEY
-    cfg = _cfg(tmp_path_factory.mktemp("serve"), _free_port())
+    srv = Server(tmp_path_factory.mktemp("serve"), _free_port(), KEY)
     try:
-        start(cfg)
-        yield cfg, f"http://127.0.0.1:{cfg.serve.port}"
+        srv.wait_ready()
+        yield srv
     finally:
-        os.environ.pop("QDPO_API_KEY", None)
-        serve.shutdown()
-        ray.shutdown()
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, timeout=300, max_retries=0)
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, timeout=300, max_retries=0)
 
 
 def _post(base: str, path: str, body, token: str | None = KEY, raw: bytes | None = None):
@@ -104,7 +129,7 @@ def test_compare_matches_two_greedy_runs(server, client):
     from qdpo_ray.config import PromptsConfig
     from qdpo_ray.data import load_prompts
 
-    _, base = server
+    base = server.base
     n = 24
     found = None
     for prompt in load_prompts(PromptsConfig(source="builtin:eval", limit=6)).prompts:
@@ -150,7 +175,7 @@ BAD = [
 
 @pytest.mark.parametrize("path,body,raw,param", BAD, ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)])
 def test_bad_input_is_4xx_and_server_keeps_serving(server, path, body, raw, param):
-    _, base = server
+    base = server.base
     r = _post(base, path, body, raw=raw)
     assert 400 <= r.status_code < 500, r.text
     err = r.json()["error"]
@@ -165,7 +190,7 @@ def test_bad_input_is_4xx_and_server_keeps_serving(server, path, body, raw, para
 def test_32_concurrent_requests(server):
     import httpx
 
-    _, base = server
+    base = server.base
 
     async def one(client, i):
         body = {"model": ("fp16", "w4")[i % 2], "max_tokens": 8, "temperature": 0,
@@ -186,7 +211,7 @@ def test_32_concurrent_requests(server):
 def test_auth_required_except_health_and_page(server):
     import httpx
 
-    _, base = server
+    base = server.base
     for path, body in [("/v1/chat/completions", {"model": "w4", "messages": [{"role": "user", "content": "hi"}]}),
                        ("/v1/completions", {"model": "w4", "prompt": "hi"}), ("/compare", {"prompt": "hi"})]:
         for token in (None, "wrong"):
@@ -212,7 +237,7 @@ def test_page_in_headless_chromium(server):
         pytest.skip("Debian `chromium` is not installed (.ci/run installs it; apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    _, base = server
+    base = server.base
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_bin, args=["--no-sandbox"])
@@ -234,15 +259,16 @@ def test_page_in_headless_chromium(server):
     assert (ARTIFACTS / "serve-page.png").stat().st_size > 10_000
 
 
-def test_without_key_routes_are_open(server):
-    """Redeploy with QDPO_API_KEY unset: requests without a token are served."""
+def test_without_key_routes_are_open(server, tmp_path):
+    """Ctrl-C stops the server cleanly; started again without QDPO_API_KEY, no token is needed."""
     import httpx
 
-    from qdpo_ray.serve.app import start
-
-    cfg, base = server
-    os.environ.pop("QDPO_API_KEY", None)
-    start(cfg)
-    assert httpx.get(base + "/v1/models").status_code == 200
-    r = _post(base, "/compare", {"prompt": "Say hi.", "max_tokens": 4}, token=None)
-    assert r.status_code == 200 and r.json()["fp"]["text"]
+    assert server.stop() == 0
+    srv = Server(tmp_path, _free_port(), None)
+    try:
+        srv.wait_ready()
+        assert httpx.get(srv.base + "/v1/models").status_code == 200
+        r = _post(srv.base, "/compare", {"prompt": "Say hi.", "max_tokens": 4}, token=None)
+        assert r.status_code == 200 and r.json()["fp"]["text"]
+    finally:
+        assert srv.stop() == 0
