@@ -310,7 +310,8 @@ class PipelineConfig(_Section):
         default_factory=lambda: list(PIPELINE_STAGES),
         description="Stages to run; the stages they need are added (pairs needs quantize, train needs "
         "pairs, evaluate needs quantize and train). Default: all.")
-    train_prompts: TrainPromptsConfig = Field(default_factory=TrainPromptsConfig)
+    train_prompts: TrainPromptsConfig = Field(default_factory=TrainPromptsConfig,
+                                              description="Prompts of the pairs stage, and so of training.")
     eval_prompts: PromptsConfig = Field(default_factory=PromptsConfig,
                                         description="Held-out prompts of the flips and evaluate stages.")
     dry_run: bool = Field(False, description="Print the stage plan (what runs, what is skipped and why) and "

@@ -159,6 +159,8 @@ def _stage_cfg(cfg: RunConfig, name: str, run_dir: Path) -> RunConfig:
     if name == "evaluate":
         # The trained export's path is known only after training; _run_evaluate fills it in.
         return _derive(cfg, out, p.eval_prompts)
+    if name == "report":
+        return cfg.model_copy(update={"out": str(out)})  # the report describes the prompt sets: keep them
     return _derive(cfg, out)
 
 
@@ -280,11 +282,11 @@ def _run_report(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
 
     run_dir = st.out.parent
     timings = {}
-    for name in PIPELINE_STAGES:
+    for name in done:  # only the stages of this plan: an older output of an unselected one may be stale
         m = _read_marker(run_dir / f".stage-{name}.json")
-        if name != "report" and m and m.get("state") == "done":
+        if m and m.get("state") == "done":
             timings[name] = m.get("wall_s")
-    write_report(st.cfg, run_dir, st.out, timings, serve_command(st.cfg, run_dir))
+    write_report(st.cfg, run_dir, st.out, timings, serve_command(st.cfg, run_dir), include=st.deps)
     return {"report": str(st.out / "README.md")}
 
 

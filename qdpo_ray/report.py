@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from qdpo_ray.config import RunConfig
-from qdpo_ray.io import atomic_dir, atomic_path
+from qdpo_ray.io import atomic_dir
 
-FIGURES = {"margins.png": "flips/margins.png", "training.png": "train/training.png",
-           "comparison.png": "eval/comparison.png"}
+# report file → (stage, file in the run directory)
+FIGURES = {"margins.png": ("flips", "flips/margins.png"), "training.png": ("train", "train/training.png"),
+           "comparison.png": ("evaluate", "eval/comparison.png")}
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -32,28 +33,29 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
     return "—" if x is None else format(x, fmt)
 
 
-def collect(cfg: RunConfig, run_dir: Path, timings: dict[str, float | None], serve: str | None) -> dict[str, Any]:
-    """The numbers of the report, from the run directory's stage outputs."""
+def collect(cfg: RunConfig, run_dir: Path, timings: dict[str, float | None], serve: str | None,
+            include: tuple[str, ...] = ("flips", "pairs", "train", "evaluate")) -> dict[str, Any]:
+    """The numbers of the report, from the outputs of the `include`d stages in the run directory."""
     res: dict[str, Any] = {"model": cfg.model.name, "quant": cfg.quant.label,
                            "train_prompts": cfg.pipeline.train_prompts.model_dump(mode="json"),
                            "eval_prompts": cfg.pipeline.eval_prompts.model_dump(mode="json"),
                            "stage_wall_s": timings,
                            "total_stage_wall_s": round(sum(v for v in timings.values() if v), 1),
                            "serve_command": serve}
-    if (f := _json(run_dir / "flips" / "summary.json")) is not None:
+    if "flips" in include and (f := _json(run_dir / "flips" / "summary.json")) is not None:
         res["flips"] = {k: f.get(k) for k in ("n_prompts", "n_tokens", "n_flips", "flip_rate", "prompts_with_flip",
                                                "mean_first_flip_position", "mean_margin_flipped",
                                                "mean_margin_unflipped", "max_new_tokens")}
-    if (p := _json(run_dir / "pairs" / "summary.json")) is not None:
+    if "pairs" in include and (p := _json(run_dir / "pairs" / "summary.json")) is not None:
         res["pairs"] = {k: p.get(k) for k in ("prompts", "pairs_generated", "pairs_kept", "removed", "identical_rate",
                                                "mean_first_divergence", "generated_tokens", "max_new_tokens",
                                                "wall_s")}
-    if (t := _json(run_dir / "train" / "summary.json")) is not None:
+    if "train" in include and (t := _json(run_dir / "train" / "summary.json")) is not None:
         hist = _metrics(run_dir / "train" / "metrics.csv")
         res["train"] = {"objective": t.get("objective"), "steps": t.get("steps"), "pairs": t.get("pairs"),
                         "export": t.get("export"), "first": hist[0] if hist else None,
                         "final": t.get("final"), "wall_s": t.get("wall_s")}
-    if (e := _json(run_dir / "eval" / "results.json")) is not None:
+    if "evaluate" in include and (e := _json(run_dir / "eval" / "results.json")) is not None:
         res["evaluate"] = e
     return res
 
@@ -140,18 +142,18 @@ def table_png(report: dict[str, Any], path: Path) -> None:
     tbl.scale(1, 1.4)
     ax.set_title(f"{report['quant']} on {report['n_prompts']} held-out prompts ({report['prompts']})", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    fig.savefig(path, format="png", dpi=110)  # `path` is inside write_report's atomic directory
     plt.close(fig)
 
 
 def write_report(cfg: RunConfig, run_dir: Path, out: Path, timings: dict[str, float | None],
-                 serve: str | None) -> dict[str, Any]:
-    res = collect(cfg, Path(run_dir), timings, serve)
+                 serve: str | None, include: tuple[str, ...] = ("flips", "pairs", "train", "evaluate")
+                 ) -> dict[str, Any]:
+    res = collect(cfg, Path(run_dir), timings, serve, include)
     with atomic_dir(out) as tmp:
         figures = []
-        for name, src in FIGURES.items():
-            if (Path(run_dir) / src).is_file():
+        for name, (stage, src) in FIGURES.items():
+            if stage in include and (Path(run_dir) / src).is_file():
                 shutil.copyfile(Path(run_dir) / src, tmp / name)
                 figures.append(name)
         if "evaluate" in res:

@@ -74,3 +74,14 @@ def synthetic_pairs(path, n: int = 16, seed: int = 0, vocab: int = 49152):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module, with more logical CPUs than a 2-core machine has cores: engine
+    and training actors set their real thread counts themselves (qdpo_ray.cluster.ensure_ray)."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

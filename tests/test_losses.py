@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qdpo_ray.train.losses import kd_loss, preference_loss, sequence_logps
+from qdpo_ray.train.losses import chunked_token_logps, kd_loss, preference_loss, sequence_logps, token_logps
 
 
 def test_sequence_logps_masks_prompt_and_padding():
@@ -51,3 +51,36 @@ def test_kd_loss():
     expect = (0 + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
     assert kd_loss(s, t, mask).item() == pytest.approx(expect, abs=1e-6)
     assert kd_loss(t, t, mask).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_token_logps_equal_plain_with_gradients(chunk, bias):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True) if bias else None
+    y = torch.randint(0, 50, (37,), generator=g)
+    up = torch.randn(37, generator=g)  # an arbitrary upstream gradient
+    ins = (h, w, b) if bias else (h, w)
+    plain = token_logps(torch.nn.functional.linear(h, w, b).unsqueeze(0), y.unsqueeze(0))[0]
+    g_plain = torch.autograd.grad((plain * up).sum(), ins)
+    chunked = chunked_token_logps(h, w, b, y, chunk=chunk)
+    g_chunked = torch.autograd.grad((chunked * up).sum(), ins)
+    assert chunked.dtype == torch.float32 and chunked.shape == (37,)
+    assert torch.allclose(chunked, plain, atol=1e-5, rtol=0)
+    for a, c in zip(g_plain, g_chunked):
+        assert torch.allclose(a, c, atol=1e-5, rtol=0)
+
+
+def test_chunked_token_logps_empty_and_no_grad():
+    w = torch.randn(10, 4, requires_grad=True)
+    h = torch.zeros(0, 4, requires_grad=True)
+    out = chunked_token_logps(h, w, None, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,)
+    out.sum().backward()  # still connected: an all-prompt micro-batch must not fail in backward
+    with torch.no_grad():
+        x = torch.randn(3, 4)
+        y = torch.tensor([1, 2, 3])
+        assert torch.allclose(chunked_token_logps(x, w, None, y, chunk=2),
+                              torch.log_softmax(x @ w.T, -1).gather(1, y[:, None])[:, 0], atol=1e-6)

@@ -32,15 +32,6 @@ def _cfg(out, **pairs):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=6, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def generated(tmp_path_factory, ray_local, embedded_model_dir):
     from qdpo_ray.generate.pairs import run_pairs
 

@@ -184,6 +184,28 @@ def test_done_marker_is_atomic(tmp_path, fake_runners, monkeypatch):
     assert pl.plan(cfg)[0].status == "rerun"  # an interrupted non-resumable stage starts over
 
 
+def test_report_from_whatever_the_stages_wrote(tmp_path, fake_runners, monkeypatch):
+    row = {"model": "x", "flip_rate": 0.3, "rouge_l": 0.4, "exact_match": 0.05, "perplexity": 5.0}
+
+    def evaluate(st, done):
+        st.out.mkdir(parents=True)
+        (st.out / "results.json").write_text(json.dumps({
+            "prompts": "builtin:eval", "n_prompts": 80, "max_new_tokens": 64, "quant": "W4A16",
+            "perplexity_texts": "t", "models": {"fp": {**row, "flip_rate": 0.0}, "rtn": row}}))
+        return {}
+
+    monkeypatch.setitem(pl.RUNNERS, "evaluate", evaluate)
+    monkeypatch.setitem(pl.RUNNERS, "report", pl._run_report)
+    out = tmp_path / "run"
+    _run(_cfg(out, "pipeline.train_prompts.limit=16"))
+    res = json.loads((out / "report" / "results.json").read_text())
+    assert set(res["stage_wall_s"]) == {"quantize", "flips", "pairs", "train", "evaluate"}
+    assert res["train_prompts"]["limit"] == 16 and res["evaluate"]["models"]["rtn"]["flip_rate"] == 0.3
+    readme = (out / "report" / "README.md").read_text()
+    assert "# QDPO run report" in readme and "| rtn | 30.0% | 0.400 | 5.0% | 5.00 |" in readme
+    assert (out / "report" / "comparison_table.png").is_file()
+
+
 @pytest.mark.parametrize("override,expect", [
     ("quant.bits=3", "quant.bits=3"),
     ("prompts.limit=5", "pipeline.train_prompts"),

@@ -16,15 +16,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pairs16(tmp_path_factory):
     return synthetic_pairs(tmp_path_factory.mktemp("pairs16"), n=16)
 

@@ -1,6 +1,7 @@
-"""Batch layout, schedules and data order of the trainer, without Ray."""
+"""Batch layout, schedules, data order and the forward/loss maths of the trainer, without Ray."""
 
 import pytest
+import torch
 
 from qdpo_ray.config import TrainConfig
 from qdpo_ray.train.batch import collate, truncate
@@ -38,3 +39,122 @@ def test_batches_are_seeded_per_epoch():
     assert a == b and len(a) == 3  # the incomplete last batch is dropped (ranks stay in lockstep)
     assert _batches(rows, 3, seed=1, epoch=1) != a
     assert sorted(r["id"] for bt in _batches(rows, 5, 0, 0) for r in bt) == list(range(10))
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt-shared rows, response-only log-probs, selective checkpointing
+
+
+def _rows(n: int, seed: int = 1, vocab: int = 500) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(lo, hi):
+        return torch.randint(3, vocab, (int(torch.randint(lo, hi, (), generator=g)),), generator=g).tolist()
+
+    return [{"prompt_token_ids": r(1, 9), "chosen_token_ids": r(1, 7), "rejected_token_ids": r(1, 7)} for _ in range(n)]
+
+
+def test_collate_shared_layout():
+    from qdpo_ray.train.batch import collate_shared
+
+    rows = [{"prompt_token_ids": [5, 6], "chosen_token_ids": [7, 8, 9], "rejected_token_ids": [4],
+             "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0},
+            {"prompt_token_ids": [1], "chosen_token_ids": [2], "rejected_token_ids": [3, 4],
+             "ref_chosen_logps": -3.0, "ref_rejected_logps": -4.0}]
+    b = collate_shared(rows, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4], [1, 2, 3, 4, 0, 0]]
+    # the rejected answer restarts right after the prompt
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2], [0, 1, 1, 2, 0, 0]]
+    a = b["attention_mask"][:, 0]
+    assert a.shape == (2, 6, 6) and a.dtype == torch.bool
+    assert a[0, 5].tolist() == [True, True, False, False, False, True]  # rejected: prompt + itself, no chosen
+    assert a[0, 4].tolist() == [True] * 5 + [False]  # chosen: causal over prompt + chosen
+    assert a[1, 3].tolist() == [True, False, True, True, False, False]
+    assert a[1, 4].tolist() == [False, False, False, False, True, False]  # padding: itself only
+    # predicted tokens: hidden state at (row, col) → token; the last prompt token predicts both first tokens
+    assert b["score_index"].tolist() == [1, 2, 3, 1, 6, 6, 8]
+    assert b["score_labels"].tolist() == [7, 8, 9, 4, 2, 3, 4]
+    assert b["score_seq"].tolist() == [0, 0, 0, 2, 1, 3, 3]  # collate order: chosen 0, 1, rejected 0, 1
+    assert b["response_len"].tolist() == [3, 1, 1, 2]
+    assert int(b["tokens"]) == int(collate(rows)["attention_mask"].sum()) == 13
+    assert b["ref_chosen"].tolist() == [-1.0, -3.0] and b["ref_rejected"].tolist() == [-2.0, -4.0]
+
+
+@pytest.mark.parametrize("head,selective", [("plain", True), ("plain", False), ("module", True), ("fallback", False)])
+def test_response_logps_equal_full_logits_with_gradients(tiny_llama, head, selective):
+    """The trainer's forward (shared prompt, response-only chunked head, selective checkpointing) gives the
+    log-probs and parameter gradients of the plain two-sequence full-logits computation."""
+    import copy
+
+    from qdpo_ray.config import QuantConfig
+    from qdpo_ray.quant.fake_quant import FakeQuantLinear, to_fake_quant
+    from qdpo_ray.train.batch import collate_shared
+    from qdpo_ray.train.checkpointing import enable_selective_checkpointing
+    from qdpo_ray.train.logps import add_response_logps, response_logps
+    from qdpo_ray.train.losses import sequence_logps
+
+    quant = QuantConfig(bits=4, ignore=[] if head == "module" else ["lm_head"])  # module: a fake-quant head
+    plain = to_fake_quant(tiny_llama, quant).train()
+    assert isinstance(plain.lm_head, FakeQuantLinear) == (head == "module")
+    ours = add_response_logps(copy.deepcopy(plain))
+    if head == "fallback":  # a head transform the chunked path does not implement: full logits instead
+        ours.config.final_logit_softcapping = 30.0  # (Llama's own forward ignores it)
+    if selective:
+        assert enable_selective_checkpointing(ours)
+    rows = _rows(5)
+    b = collate(rows)
+    ref = sequence_logps(plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1],
+                         b["labels"], b["mask"])
+    lp = response_logps(ours, collate_shared(rows))
+    assert lp.shape == (10,) and torch.allclose(lp, ref, atol=1e-4, rtol=0)
+    up = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    (ref * up).sum().backward()
+    (lp * up).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_step0_rewards_are_exactly_zero(tiny_llama):
+    """Reference log-probs (driver, no grad, batches of 4) and the training step's (train mode, selective
+    checkpointing, other batches) run the same forward: at step 0 the implicit rewards are 0."""
+    import copy
+
+    from qdpo_ray.config import QuantConfig
+    from qdpo_ray.quant.fake_quant import to_fake_quant
+    from qdpo_ray.train.batch import collate_shared
+    from qdpo_ray.train.checkpointing import enable_selective_checkpointing
+    from qdpo_ray.train.logps import add_response_logps
+    from qdpo_ray.train.reference import add_reference_logps
+    from qdpo_ray.train.trainer import preference_micro_step
+
+    model = to_fake_quant(tiny_llama, QuantConfig(bits=4))
+    rows = add_reference_logps(copy.deepcopy(model), _rows(6), batch_size=4)
+    policy = add_response_logps(model).train()
+    enable_selective_checkpointing(policy)
+    for batch in (rows[:3], rows[3:], rows[1:5]):
+        loss, vals = preference_micro_step(policy, collate_shared(batch), TrainConfig())
+        assert vals[1] == 0.0 and vals[2] == 0.0 and vals[0] == pytest.approx(0.6931471805599453, abs=1e-12)
+
+
+def test_make_optimizer_is_fused_adamw():
+    from qdpo_ray.train.trainer import make_optimizer
+
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(3))], TrainConfig(lr=1e-3, weight_decay=0.1))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and opt.defaults["weight_decay"] == 0.1
+
+
+def test_training_plot_panels_follow_the_objective(tmp_path):
+    from qdpo_ray.train.report import _panels, write_reports
+
+    base = {"loss": 0.5, "logps/chosen": -60.0, "grad_norm": 2.0, "lr": 1e-5}
+    kd = [{**base, "step": s, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0,
+           "logps/rejected": 0.0} for s in (1, 2)]
+    dpo = [{**base, "step": s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s, "rewards/margins": 0.2 * s,
+            "logps/rejected": -50.0} for s in (1, 2)]
+    for hist, objective in ((kd, "kd"), (kd, None)):  # named, or recognised by its all-zero rewards
+        names = [name for name, _ in _panels(hist, objective)]
+        assert names[0].startswith("KD loss") and not any("reward" in n for n in names)
+    assert [name for name, _ in _panels(dpo, "qdpo")][:2] == ["implicit rewards β·log(π_θ/π_ref)", "loss"]
+    assert all(len(lines) for _, lines in _panels([{"step": 1, "loss": 0.7}], "qdpo"))  # missing metrics: no panel
+    write_reports(kd, tmp_path, "KD", objective="kd")
+    assert (tmp_path / "training.png").stat().st_size > 0 and (tmp_path / "metrics.csv").is_file()

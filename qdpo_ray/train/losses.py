@@ -33,6 +33,84 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     return (token_logps(logits, labels) * mask).sum(-1)
 
 
+# fp32 logits held at once by `chunked_token_logps`: 64 MiB = 341 tokens of a 49k vocabulary
+CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_tokens(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """`token_logps(F.linear(hidden, weight, bias), labels)` for [N, H] hidden states, `chunk` rows at a time.
+
+    Forward keeps only the per-token logsumexp; backward recomputes each chunk's logits and turns them in
+    place into ∂L/∂logits = g·(onehot(label) − softmax), so at most one [chunk, vocab] fp32 tensor is alive
+    in either pass instead of the [N, vocab] logits and their log-softmax/backward copies. The head's
+    weight gradient is accumulated in fp32 over the chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk: int):
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            logits = F.linear(hidden[s:e], weight, bias).float()
+            # the same ops, in the same order, as token_logps
+            picked = torch.gather(logits, 1, labels[s:e].unsqueeze(-1)).squeeze(-1)
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            out[s:e] = picked - lse[s:e]
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, chunk = hidden.shape[0], ctx.chunk
+        g = grad_out.float()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            h = hidden[s:e]
+            gc = g[s:e].unsqueeze(-1)
+            # softmax from the saved logsumexp, then ∂/∂logits of g·(logit[label] − lse) = g·(onehot − softmax)
+            d = F.linear(h, weight, bias).float().sub_(lse[s:e].unsqueeze(-1)).exp_().mul_(-gc)
+            d.scatter_add_(1, labels[s:e].unsqueeze(-1), gc)
+            d = d.to(weight.dtype)
+            if need_h:
+                torch.mm(d, weight, out=grad_h[s:e])
+            if need_w:
+                if d.dtype == torch.float32:
+                    grad_w.addmm_(d.t(), h)
+                else:
+                    grad_w += (d.t() @ h).float()
+            if need_b:
+                grad_b += d.float().sum(0)
+            del d
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """log p(labels[i] | hidden[i]) through the LM head (weight [V, H], bias [V]) without the [N, V] logits.
+
+    Equal to `token_logps(F.linear(hidden, weight, bias), labels)` (up to matmul summation order), with
+    the same gradients; hidden [N, H], labels [N] → [N] fp32.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, labels.clamp(min=0), chunk)
+
+
 @dataclass
 class PreferenceLoss:
     loss: torch.Tensor            # scalar, mean over the batch

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from qdpo_ray.train.batch import collate
-from qdpo_ray.train.losses import sequence_logps
+from qdpo_ray.train.batch import collate_shared
+from qdpo_ray.train.logps import add_response_logps, response_logps
 
 
 def reference_model(fp_model, cfg):
@@ -27,8 +27,8 @@ def reference_model(fp_model, cfg):
 
 @torch.no_grad()
 def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return sequence_logps(logits, batch["labels"], batch["mask"]).double()
+    """The same response-only forward (`logps.response_logps`) the training step runs."""
+    return response_logps(add_response_logps(model), batch).double()
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def add_reference_logps(model, rows: list[dict[str, Any]], batch_size: int = 8, 
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        lp = policy_logps(model, collate(chunk, pad_id))
+        lp = policy_logps(model, collate_shared(chunk, pad_id))
         n = len(chunk)
         for r, c, rj in zip(chunk, lp[:n].tolist(), lp[n:].tolist()):
             out.append({**r, "ref_chosen_logps": c, "ref_rejected_logps": rj})

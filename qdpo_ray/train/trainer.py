@@ -70,12 +70,17 @@ def lr_lambda(t, total_steps: int):
 
 
 def build_policy(cfg: RunConfig):
-    """π_θ: the fp model with STE fake-quant Linears (and LoRA adapters when configured)."""
+    """π_θ: the fp model with STE fake-quant Linears (and LoRA adapters when configured), with the
+    response-log-prob forward mode (`logps`) and selective activation checkpointing (`checkpointing`)."""
     from qdpo_ray.models import load_model
     from qdpo_ray.quant.fake_quant import to_fake_quant
+    from qdpo_ray.train.checkpointing import enable_selective_checkpointing
+    from qdpo_ray.train.logps import add_response_logps
 
     model = load_model(cfg.model, dtype="float32")
     model = to_fake_quant(model, cfg.quant)
+    add_response_logps(model)  # before peft wraps it (peft passes the extra forward arguments through)
+    enable_selective_checkpointing(model)  # in train mode only
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -85,6 +90,38 @@ def build_policy(cfg: RunConfig):
                                                  task_type="CAUSAL_LM"))
     model.config.use_cache = False
     return model
+
+
+def make_optimizer(params, t):
+    """AdamW (DeepSpeedCPUAdam with offload); the fused single-kernel AdamW where torch has it (CPU and
+    CUDA, torch ≥ 2.4), which also skips the foreach path's parameter-sized temporaries."""
+    if t.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay)
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for p in params)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+
+
+def preference_micro_step(model, b: dict[str, torch.Tensor], t) -> tuple[torch.Tensor, list[float]]:
+    """Loss and metric values (METRICS order) of one `collate_shared` micro-batch: one forward of the
+    prompt + chosen + rejected rows through the response-only LM head (`logps.response_logps`), then
+    eq. 5 against the precomputed reference."""
+    from qdpo_ray.train.logps import response_logps
+    from qdpo_ray.train.losses import preference_loss
+
+    n = b["ref_chosen"].shape[0]
+    lp = response_logps(model, b).double()
+    pl = preference_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], t.beta, t.loss_type,
+                         t.label_smoothing, b["response_len"][:n], b["response_len"][n:])
+    lp = lp.detach()
+    vals = [pl.loss.item(), pl.chosen_rewards.mean().item(), pl.rejected_rewards.mean().item(),
+            (pl.chosen_rewards - pl.rejected_rewards).mean().item(),
+            (pl.chosen_rewards > pl.rejected_rewards).double().mean().item(),
+            lp[:n].mean().item(), lp[n:].mean().item()]
+    return pl.loss, vals
 
 
 def _peak_mem_gb() -> float:
@@ -105,8 +142,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from qdpo_ray.train.batch import collate
-    from qdpo_ray.train.losses import kd_loss, preference_loss, sequence_logps
+    from qdpo_ray.train.batch import collate, collate_shared
+    from qdpo_ray.train.losses import kd_loss, sequence_logps
 
     cfg = RunConfig.model_validate(config["cfg"])
     t = cfg.train
@@ -122,19 +159,13 @@ def train_loop(config: dict[str, Any]) -> None:
         raise ValueError(f"worker {rank} has {len(rows)} pairs: fewer than per_device_batch_size × grad_accum")
     total = t.max_steps or per_epoch * t.epochs
 
-    model = build_policy(cfg)
+    model = build_policy(cfg).train()
     teacher = None
     if t.objective == "kd":
         from qdpo_ray.models import load_model
 
         teacher = load_model(cfg.model, dtype="float32").requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        opt = DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                  config=_deepspeed_config(t), dist_init_required=False)
@@ -157,29 +188,24 @@ def train_loop(config: dict[str, Any]) -> None:
         t0 = time.time()
         sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
         for mb in micro:
-            b = {k: v.to(device) for k, v in collate(mb, pad, rejected=t.objective != "kd").items()}
-            out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            logits = out.logits[:, :-1]
-            n = len(mb)
             if t.objective == "kd":
+                b = {k: v.to(device) for k, v in collate(mb, pad, rejected=False).items()}
+                tokens = float(b["attention_mask"].sum())
+                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                 with torch.no_grad():
                     tl = teacher.to(device)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                 loss = kd_loss(logits, tl, b["mask"])
                 lp = sequence_logps(logits, b["labels"], b["mask"]).detach().double()
                 vals = [loss.item(), 0.0, 0.0, 0.0, 0.0, lp.mean().item(), 0.0]
+                del logits, tl
             else:
-                lp = sequence_logps(logits, b["labels"], b["mask"])
-                pl = preference_loss(lp[:n].double(), lp[n:].double(), b["ref_chosen"], b["ref_rejected"],
-                                     t.beta, t.loss_type, t.label_smoothing,
-                                     b["response_len"][:n], b["response_len"][n:])
-                loss = pl.loss
-                vals = [loss.item(), pl.chosen_rewards.mean().item(), pl.rejected_rewards.mean().item(),
-                        (pl.chosen_rewards - pl.rejected_rewards).mean().item(),
-                        (pl.chosen_rewards > pl.rejected_rewards).double().mean().item(),
-                        lp[:n].detach().double().mean().item(), lp[n:].detach().double().mean().item()]
+                b = {k: v.to(device) for k, v in collate_shared(mb, pad).items()}
+                tokens = float(b["tokens"])
+                loss, vals = preference_micro_step(engine, b, t)
             engine.backward(loss.float())
             engine.step()
-            sums += torch.tensor(vals + [float(b["attention_mask"].sum())], dtype=torch.float64)
+            del loss, b
+            sums += torch.tensor(vals + [tokens], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(sums)
         toks = sums[-1].item()
@@ -315,7 +341,8 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     history = state["history"]
     summary = {"objective": t.objective, "steps": state["step"], "pairs": len(rows), "wall_s": round(time.time() - t0, 1),
                "final": history[-1] if history else None, "checkpoint": result.checkpoint.path}
-    write_reports(history, out, title=f"{t.objective.upper()} ({cfg.quant.label}, β={t.beta}, lr={t.lr})")
+    write_reports(history, out, objective=t.objective,
+                  title=f"{t.objective.upper()} ({cfg.quant.label}, {'' if t.objective == 'kd' else f'β={t.beta}, '}lr={t.lr})")
     summary.update(_export_and_count(cfg, weights, out, tok))
     atomic_write_json(out / "summary.json", summary)
     return summary
