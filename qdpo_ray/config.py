@@ -224,7 +224,8 @@ class EvaluateConfig(_Section):
 
     models: dict[str, str] = Field(
         default_factory=lambda: {"rtn": "rtn"},
-        description="label → `rtn` (RTN of model.name with the quant section) or a checkpoint directory; "
+        description="label → `rtn` (RTN of model.name with the quant section), a checkpoint directory, or "
+        "a LoRA adapter directory (`<train out>/lora-adapter`: applied unmerged on that RTN model); "
         "the fp model is always included. CLI: --evaluate.models.qdpo=runs/train-qdpo/w4-qdpo")
     perplexity_texts: int | None = Field(None, ge=1, description="Use the first N perplexity texts (all: 60).")
 

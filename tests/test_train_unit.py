@@ -158,3 +158,36 @@ def test_training_plot_panels_follow_the_objective(tmp_path):
     assert all(len(lines) for _, lines in _panels([{"step": 1, "loss": 0.7}], "qdpo"))  # missing metrics: no panel
     write_reports(kd, tmp_path, "KD", objective="kd")
     assert (tmp_path / "training.png").stat().st_size > 0 and (tmp_path / "metrics.csv").is_file()
+
+
+def test_lora_policy_is_pi_q_plus_adapters_on_a_baked_base(tiny_model_dir):
+    """QDPO + LoRA: the frozen base holds Q(W) in plain Linears (no fp master copy, no per-forward
+    fake-quant), so at initialisation (B = 0) the policy is π_q, and only the adapters get gradients —
+    the same gradients with and without selective checkpointing."""
+    from qdpo_ray.config import ModelConfig, QuantConfig, RunConfig
+    from qdpo_ray.models import load_model
+    from qdpo_ray.quant.fake_quant import FakeQuantLinear, to_fake_quant
+    from qdpo_ray.train.trainer import build_policy
+
+    cfg = RunConfig(model=ModelConfig(name=str(tiny_model_dir)), quant=QuantConfig(bits=4),
+                    train={"lora": {"enabled": True, "r": 8, "alpha": 8}})
+    policy = build_policy(cfg)
+    assert not any(isinstance(m, FakeQuantLinear) for m in policy.modules())
+    pi_q = to_fake_quant(load_model(cfg.model, dtype="float32"), cfg.quant).eval()
+    ids = torch.randint(0, pi_q.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(policy.eval()(input_ids=ids).logits, pi_q(input_ids=ids).logits, atol=1e-6, rtol=0)
+    with torch.no_grad():  # move B off zero so that A gets a gradient too
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for selective in (True, False):  # build_policy turned selective checkpointing on
+        policy.zero_grad(set_to_none=True)
+        if not selective:
+            policy.gradient_checkpointing_disable()
+        policy.train()(input_ids=ids).logits.logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0] and all("lora_" in n for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n

@@ -61,6 +61,12 @@ def _model(label: str, spec: str, fp, cfg: RunConfig):
         return fp
     if spec == "rtn":
         return quantize_model_rtn(copy.deepcopy(fp), cfg.quant)
+    if (Path(spec) / "adapter_config.json").is_file():
+        # A QDPO + LoRA adapter, unmerged on the RTN base it was trained on (Q(W)x + BAx): the model as
+        # trained. Merging and re-quantizing can round a small BA away (see docs/training.md).
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(quantize_model_rtn(copy.deepcopy(fp), cfg.quant), spec).eval()
     return load_model(spec, dtype="float32")
 
 

@@ -31,10 +31,22 @@ def _save_ops():
     return _SAVE_OPS
 
 
+# A matmul whose inner dimension is at most this is cheap to recompute next to its output's size: the
+# LoRA up-projection B (rank r → out_features) would otherwise store an output as large as the base
+# layer's for r/in_features of its FLOPs.
+SMALL_INNER_DIM = 256
+
+
 def _policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return CheckpointPolicy.MUST_SAVE if op in _save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in _save_ops():
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    aten = torch.ops.aten
+    a = args[0] if op is aten.mm.default else args[1] if op is aten.addmm.default else None
+    if a is not None and a.shape[-1] <= SMALL_INNER_DIM:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
 
 
 def selective_checkpoint_context():

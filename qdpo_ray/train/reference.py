@@ -3,6 +3,10 @@
 For QDPO the reference is π_q, evaluated with the *same* fake-quant forward the policy starts from, so
 that at step 0 the implicit rewards are exactly 0 (up to float summation order). Nothing but the policy
 is in memory during training.
+
+The scoring runs on the cluster, not the driver: a Ray Data actor pool with the training workers'
+resources (one reference model per actor, on its GPU when it has one) maps the pairs to their two
+log-probs. At paper scale (50k pairs, 7B) a CPU head node could not do it in reasonable time.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def reference_model(fp_model, cfg):
 @torch.no_grad()
 def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The same response-only forward (`logps.response_logps`) the training step runs."""
-    return response_logps(add_response_logps(model), batch).double()
+    device = next(model.parameters()).device
+    return response_logps(add_response_logps(model), {k: v.to(device) for k, v in batch.items()}).double().cpu()
 
 
 @torch.no_grad()
@@ -43,3 +48,51 @@ def add_reference_logps(model, rows: list[dict[str, Any]], batch_size: int = 8, 
         for r, c, rj in zip(chunk, lp[:n].tolist(), lp[n:].tolist()):
             out.append({**r, "ref_chosen_logps": c, "ref_rejected_logps": rj})
     return out
+
+
+TOKEN_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
+
+
+class ReferenceScorer:
+    """Ray Data actor: loads π_ref once, maps a batch of pairs to (id, ref_chosen_logps, ref_rejected_logps)."""
+
+    def __init__(self, cfg_json: dict[str, Any], pad_id: int):
+        from qdpo_ray.config import RunConfig
+        from qdpo_ray.models import load_model
+
+        cfg = RunConfig.model_validate(cfg_json)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # the dtype DeepSpeed gives the policy (`train.precision`), so that step-0 rewards are 0 in bf16 too
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.model = reference_model(load_model(cfg.model, dtype="float32"), cfg).to(device=device, dtype=dtype)
+        self.micro = cfg.train.per_device_batch_size
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        # Ray Data hands token lists back as numpy arrays; collate_shared concatenates Python lists.
+        rows = [{k: np.asarray(batch[k][i]).tolist() for k in TOKEN_COLUMNS} for i in range(len(batch["id"]))]
+        scored = add_reference_logps(self.model, rows, self.micro, self.pad_id)
+        return {"id": batch["id"],
+                "ref_chosen_logps": np.array([r["ref_chosen_logps"] for r in scored]),
+                "ref_rejected_logps": np.array([r["ref_rejected_logps"] for r in scored])}
+
+
+def score_on_ray(cfg, rows: list[dict[str, Any]], pad_id: int) -> list[dict[str, Any]]:
+    """`rows` with their reference log-probs, scored by `train.num_workers` ReferenceScorer actors, each
+    with a training worker's CPUs/GPUs (free at this point: training has not started)."""
+    import ray.data
+
+    t = cfg.train
+    slim = [{"id": str(r["id"]), **{k: list(r[k]) for k in TOKEN_COLUMNS}} for r in rows]
+    ds = ray.data.from_items(slim).map_batches(
+        ReferenceScorer, fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "pad_id": pad_id},
+        batch_size=max(t.per_device_batch_size * 4, 1), compute=ray.data.ActorPoolStrategy(size=t.num_workers),
+        num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker or None)
+    got = {r["id"]: r for r in ds.take_all()}
+    missing = [r["id"] for r in slim if r["id"] not in got]
+    if missing:
+        raise RuntimeError(f"reference scoring returned no log-probs for {len(missing)} pairs, e.g. {missing[:3]}")
+    return [{**r, "ref_chosen_logps": float(got[s["id"]]["ref_chosen_logps"]),
+             "ref_rejected_logps": float(got[s["id"]]["ref_rejected_logps"])} for r, s in zip(rows, slim)]

@@ -84,6 +84,12 @@ def build_policy(cfg: RunConfig):
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        from qdpo_ray.quant.fake_quant import bake_fake_quant
+
+        # Paper Table 7: adapters on a frozen *quantized* base, forward Q(W)x + BAx. Baking Q(W) into the
+        # frozen Linears drops the fp master copy and the per-forward fake-quant, and the export then
+        # merges BA into Q(W), the weights the adapters were trained against (not into W).
+        model = bake_fake_quant(model)
         lc = cfg.train.lora
         model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                  target_modules=lc.target_modules, bias="none",
@@ -270,16 +276,16 @@ def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """Rows with ref log-probs, cached in out/reference.parquet for the same pairs and reference."""
+def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path, pad_id: int = 0) -> list[dict[str, Any]]:
+    """Rows with ref log-probs (scored on the cluster by `reference.score_on_ray`), cached in
+    out/reference.parquet for the same pairs and reference."""
     import hashlib
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from qdpo_ray.io import atomic_path
-    from qdpo_ray.models import load_model
-    from qdpo_ray.train.reference import add_reference_logps, reference_model
+    from qdpo_ray.train.reference import score_on_ray
 
     if cfg.train.objective == "kd":
         return rows
@@ -291,9 +297,8 @@ def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path) -> lis
         table = pq.read_table(cache)
         if (table.schema.metadata or {}).get(b"key") == key.encode():
             return table.to_pylist()
-    log.info("computing reference log-probs for %d pairs", len(rows))
-    ref = reference_model(load_model(cfg.model, dtype="float32"), cfg)
-    rows = add_reference_logps(ref, rows)
+    log.info("computing reference log-probs for %d pairs on %d Ray Data actor(s)", len(rows), cfg.train.num_workers)
+    rows = score_on_ray(cfg, rows, pad_id)
     with atomic_path(cache) as tmp:
         pq.write_table(pa.Table.from_pylist(rows).replace_schema_metadata({b"key": key.encode()}), tmp)
     return rows
@@ -312,9 +317,10 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     t = cfg.train
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = reference_rows(cfg, prepare_pairs(cfg), out)
+    rows = prepare_pairs(cfg)
     tok = load_tokenizer(cfg.model)
     ensure_ray(int(t.num_workers * t.cpus_per_worker) + 2)
+    rows = reference_rows(cfg, rows, out, tok.pad_token_id or 0)
 
     resources = {"CPU": t.cpus_per_worker}
     if t.gpus_per_worker:
@@ -378,7 +384,7 @@ def _export_and_count(cfg: RunConfig, weights: dict[str, torch.Tensor], out: Pat
         adapter = out / "lora-adapter"
         model.save_pretrained(str(adapter))
         info["adapter"] = str(adapter)
-        model = model.merge_and_unload()  # W + BA into the master weight, then quantized below
+        model = model.merge_and_unload()  # Q(W) + BA (build_policy baked Q(W)), then quantized below
     if cfg.train.export and cfg.quant.bits in PACKABLE_BITS:
         target = out / f"w{cfg.quant.bits}-{cfg.train.objective}{'-lora' if cfg.train.lora.enabled else ''}"
         export_packed(model, tok, cfg.quant, target, storage_dtype=checkpoint_dtype(cfg.model),
