@@ -16,6 +16,7 @@ from typing import Any
 from qdpo_ray.config import RunConfig
 from qdpo_ray.io import atomic_dir
 
+REPORTED_STAGES = ("flips", "pairs", "train", "evaluate")  # the stages whose outputs a report reads
 # report file → (stage, file in the run directory)
 FIGURES = {"margins.png": ("flips", "flips/margins.png"), "training.png": ("train", "train/training.png"),
            "comparison.png": ("evaluate", "eval/comparison.png")}
@@ -34,7 +35,7 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
 
 
 def collect(cfg: RunConfig, run_dir: Path, timings: dict[str, float | None], serve: str | None,
-            include: tuple[str, ...] = ("flips", "pairs", "train", "evaluate")) -> dict[str, Any]:
+            include: tuple[str, ...] = REPORTED_STAGES) -> dict[str, Any]:
     """The numbers of the report, from the outputs of the `include`d stages in the run directory."""
     res: dict[str, Any] = {"model": cfg.model.name, "quant": cfg.quant.label,
                            "train_prompts": cfg.pipeline.train_prompts.model_dump(mode="json"),
@@ -147,7 +148,7 @@ def table_png(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(cfg: RunConfig, run_dir: Path, out: Path, timings: dict[str, float | None],
-                 serve: str | None, include: tuple[str, ...] = ("flips", "pairs", "train", "evaluate")
+                 serve: str | None, include: tuple[str, ...] = REPORTED_STAGES
                  ) -> dict[str, Any]:
     res = collect(cfg, Path(run_dir), timings, serve, include)
     with atomic_dir(out) as tmp:

@@ -160,7 +160,7 @@ def test_training_plot_panels_follow_the_objective(tmp_path):
     assert (tmp_path / "training.png").stat().st_size > 0 and (tmp_path / "metrics.csv").is_file()
 
 
-def test_lora_policy_is_pi_q_plus_adapters_on_a_baked_base(tiny_model_dir):
+def test_lora_policy_is_pi_q_plus_adapters_on_a_quantized_base(tiny_model_dir):
     """QDPO + LoRA: the frozen base holds Q(W) in plain Linears (no fp master copy, no per-forward
     fake-quant), so at initialisation (B = 0) the policy is π_q, and only the adapters get gradients —
     the same gradients with and without selective checkpointing."""

@@ -150,19 +150,6 @@ def from_fake_quant(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def bake_fake_quant(model: nn.Module) -> nn.Module:
-    """Plain nn.Linear modules holding each FakeQuantLinear's quantize-dequantized weight Q(W), in place of
-    the master weight: the forward is unchanged (bit for bit), without re-quantizing on every call and
-    without a second copy of the weights. For a frozen quantized base (QDPO + LoRA)."""
-    for module in model.modules():
-        if isinstance(module, FakeQuantLinear):
-            qw = fake_quantize(module.weight.float(), module.spec, module.frozen_scale, module.frozen_zero)
-            module.weight.data.copy_(qw.to(module.weight.dtype))
-            module.__dict__.pop("_qweight_cache", None)
-    return from_fake_quant(model)
-
-
-@torch.no_grad()
 def quantize_model_rtn(model: nn.Module, cfg) -> nn.Module:
     """π_q as a plain model: every targeted weight replaced by its RTN quantize-dequantize (in place)."""
     if not cfg.enabled:
@@ -171,6 +158,7 @@ def quantize_model_rtn(model: nn.Module, cfg) -> nn.Module:
     spec = QuantSpec.from_config(cfg)
     for _, module in quant_targets(model, cfg.targets, cfg.ignore):
         if isinstance(module, nn.Linear):
-            w = module.weight
-            module.weight.data = fake_quantize(w.float(), spec).to(w.dtype)
+            # in place: replacing `.data` frees ~200 weight-sized blocks, which raises glibc's mmap
+            # threshold and with it the heap high-water mark of everything allocated afterwards
+            module.weight.data.copy_(fake_quantize(module.weight.float(), spec))
     return model

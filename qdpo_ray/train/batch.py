@@ -20,6 +20,14 @@ def truncate(row: dict[str, Any], max_prompt_len: int, max_response_len: int) ->
     return out
 
 
+def _with_reference(batch: dict[str, torch.Tensor], rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Add the rows' precomputed reference log-probs (`ref_chosen`, `ref_rejected`, fp64) when they have them."""
+    if rows and "ref_chosen_logps" in rows[0]:
+        batch["ref_chosen"] = torch.tensor([float(r["ref_chosen_logps"]) for r in rows], dtype=torch.float64)
+        batch["ref_rejected"] = torch.tensor([float(r["ref_rejected_logps"]) for r in rows], dtype=torch.float64)
+    return batch
+
+
 def collate(rows: list[dict[str, Any]], pad_id: int = 0, rejected: bool = True) -> dict[str, torch.Tensor]:
     """[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] right-padded (only chosen if rejected=False)."""
     keys = ["chosen_token_ids", "rejected_token_ids"] if rejected else ["chosen_token_ids"]
@@ -39,10 +47,7 @@ def collate(rows: list[dict[str, Any]], pad_id: int = 0, rejected: bool = True) 
         mask[i, st - 1:len(s) - 1] = 1.0  # logits at st-1 predict the first response token
     batch = {"input_ids": ids, "attention_mask": attn, "labels": ids[:, 1:].clone(), "mask": mask,
              "response_len": mask.sum(-1)}
-    if rows and "ref_chosen_logps" in rows[0]:
-        batch["ref_chosen"] = torch.tensor([float(r["ref_chosen_logps"]) for r in rows], dtype=torch.float64)
-        batch["ref_rejected"] = torch.tensor([float(r["ref_rejected_logps"]) for r in rows], dtype=torch.float64)
-    return batch
+    return _with_reference(batch, rows)
 
 
 def collate_shared(rows: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -90,7 +95,4 @@ def collate_shared(rows: list[dict[str, Any]], pad_id: int = 0) -> dict[str, tor
              "score_seq": torch.tensor(seq, dtype=torch.long),
              "response_len": torch.tensor([float(c) for _, c, _ in lens] + [float(j) for _, _, j in lens]),
              "tokens": torch.tensor(sum(2 * p + c + j for p, c, j in lens))}
-    if rows and "ref_chosen_logps" in rows[0]:
-        batch["ref_chosen"] = torch.tensor([float(r["ref_chosen_logps"]) for r in rows], dtype=torch.float64)
-        batch["ref_rejected"] = torch.tensor([float(r["ref_rejected_logps"]) for r in rows], dtype=torch.float64)
-    return batch
+    return _with_reference(batch, rows)

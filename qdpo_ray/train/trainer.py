@@ -73,23 +73,24 @@ def build_policy(cfg: RunConfig):
     """π_θ: the fp model with STE fake-quant Linears (and LoRA adapters when configured), with the
     response-log-prob forward mode (`logps`) and selective activation checkpointing (`checkpointing`)."""
     from qdpo_ray.models import load_model
-    from qdpo_ray.quant.fake_quant import to_fake_quant
+    from qdpo_ray.quant.fake_quant import quantize_model_rtn, to_fake_quant
     from qdpo_ray.train.checkpointing import enable_selective_checkpointing
     from qdpo_ray.train.logps import add_response_logps
 
     model = load_model(cfg.model, dtype="float32")
-    model = to_fake_quant(model, cfg.quant)
+    if cfg.train.lora.enabled:
+        # Paper Table 7: adapters on a frozen *quantized* base, forward Q(W)x + BAx. The base is π_q as
+        # plain Linears holding Q(W) (what `evaluate` rebuilds for an adapter): no fp master copy, no
+        # per-forward fake-quant, and the export merges BA into Q(W), the weights the adapters were
+        # trained against (not into W).
+        model = quantize_model_rtn(model, cfg.quant)
+    else:
+        model = to_fake_quant(model, cfg.quant)
     add_response_logps(model)  # before peft wraps it (peft passes the extra forward arguments through)
     enable_selective_checkpointing(model)  # in train mode only
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
-        from qdpo_ray.quant.fake_quant import bake_fake_quant
-
-        # Paper Table 7: adapters on a frozen *quantized* base, forward Q(W)x + BAx. Baking Q(W) into the
-        # frozen Linears drops the fp master copy and the per-forward fake-quant, and the export then
-        # merges BA into Q(W), the weights the adapters were trained against (not into W).
-        model = bake_fake_quant(model)
         lc = cfg.train.lora
         model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                  target_modules=lc.target_modules, bias="none",
@@ -384,7 +385,7 @@ def _export_and_count(cfg: RunConfig, weights: dict[str, torch.Tensor], out: Pat
         adapter = out / "lora-adapter"
         model.save_pretrained(str(adapter))
         info["adapter"] = str(adapter)
-        model = model.merge_and_unload()  # Q(W) + BA (build_policy baked Q(W)), then quantized below
+        model = model.merge_and_unload()  # Q(W) + BA (build_policy's base is Q(W)), then quantized below
     if cfg.train.export and cfg.quant.bits in PACKABLE_BITS:
         target = out / f"w{cfg.quant.bits}-{cfg.train.objective}{'-lora' if cfg.train.lora.enabled else ''}"
         export_packed(model, tok, cfg.quant, target, storage_dtype=checkpoint_dtype(cfg.model),
