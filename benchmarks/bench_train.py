@@ -11,9 +11,9 @@ weight decay), gradient clipping at 1.0, β = 0.1, reference log-probs precomput
   qdpo_fake_quant   the same step on the STE fake-quant W4 policy (what `qdpo-ray train` runs per worker)
   trl_fake_quant    TRL's DPOTrainer on the same fake-quant policy, TRL's defaults (fused AdamW, fused
                     chunked LM head, gradient checkpointing) except fp32 (DPOConfig defaults to bf16)
-Extra variants (--variants): qdpo_lora_fake_quant (QDPO + LoRA, paper Table 7: the fake-quant base
-frozen, r = α = 64 adapters on every Linear trained), qdpo_fake_quant_deepspeed (our step inside the worker's DeepSpeed ZeRO-2
-engine, one process), trl_fake_quant_no_gc (TRL with gradient_checkpointing=False),
+Extra variants (--variants): qdpo_lora_fake_quant (QDPO + LoRA, paper Table 7: the base frozen as its
+RTN weights Q(W), r = α = 64 adapters on every Linear trained), qdpo_fake_quant_deepspeed (our step
+inside the worker's DeepSpeed ZeRO-2 engine, one process), trl_fake_quant_no_gc (TRL with gradient_checkpointing=False),
 full_logits_fake_quant (the step before this benchmark's changes: full logits, foreach AdamW).
 Tokens per step are the pairs' tokens (2 × prompt + chosen + rejected) for every variant, so the
 tokens/s ratio is the inverse step-time ratio. Prints each variant and the ratios, side by side in one run.
