@@ -30,11 +30,12 @@ import torch
 
 
 def step_time(model, batch, steps: int) -> float:
-    """The worker's micro-step (`trainer.preference_micro_step`: prompt-shared rows, response-only chunked
-    LM head, eq. 5), its optimizer (`trainer.make_optimizer`: AdamW) and gradient clipping at
+    """The worker's micro-step (`steps.preference_micro_step`: prompt-shared rows, response-only chunked
+    LM head, eq. 5), its optimizer (`worker.make_optimizer`: AdamW) and gradient clipping at
     max_grad_norm, as DeepSpeed applies it in `qdpo-ray train`."""
     from qdpo_ray.config import TrainConfig
-    from qdpo_ray.train.trainer import make_optimizer, preference_micro_step
+    from qdpo_ray.train.steps import preference_micro_step
+    from qdpo_ray.train.worker import make_optimizer
 
     t = TrainConfig(lr=1e-6, beta=0.1, max_grad_norm=1.0, weight_decay=0.0)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
@@ -51,7 +52,7 @@ def step_time(model, batch, steps: int) -> float:
 
 
 def step_time_deepspeed(model, batch, steps: int) -> float:
-    """The same micro-step inside the worker's DeepSpeed engine (`trainer._deepspeed_config`: ZeRO-2, fp32,
+    """The same micro-step inside the worker's DeepSpeed engine (`worker.deepspeed_config`: ZeRO-2, fp32,
     gradient clipping), one process (gloo, world size 1) instead of a Ray Train worker."""
     import os
 
@@ -62,7 +63,8 @@ def step_time_deepspeed(model, batch, steps: int) -> float:
     import torch.distributed as dist
 
     from qdpo_ray.config import TrainConfig
-    from qdpo_ray.train.trainer import _deepspeed_config, make_optimizer, preference_micro_step
+    from qdpo_ray.train.steps import preference_micro_step
+    from qdpo_ray.train.worker import deepspeed_config as _deepspeed_config, make_optimizer
 
     dist.init_process_group("gloo")
     t = TrainConfig(lr=1e-6, beta=0.1, max_grad_norm=1.0, weight_decay=0.0,
@@ -175,7 +177,7 @@ def variant(name: str, a) -> dict:
     from qdpo_ray.models import load_model, load_tokenizer
     from qdpo_ray.quant.fake_quant import to_fake_quant
     from qdpo_ray.train.batch import collate, collate_shared
-    from qdpo_ray.train.trainer import build_policy
+    from qdpo_ray.train.worker import build_policy
 
     tok = load_tokenizer(a.model)
     rows = _rows(tok, a.pairs, a.len)

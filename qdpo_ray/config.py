@@ -132,12 +132,19 @@ class VllmEngineConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per engine; 0 runs vLLM on CPU.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over.")
     dtype: Literal["bfloat16", "float16"] = Field(
-        "bfloat16", description="Activation dtype of both engines (the W4 kernels need bf16/fp16); the same "
-        "for fp and quantized so that a pair differs by quantization only.")
+        "float16", description="Activation dtype of both engines (the W4 kernels need bf16/fp16); the same "
+        "for fp and quantized so that a pair differs by quantization only. float16 tracks the fp32 "
+        "fake-quant π_q that training uses as reference (bf16 is a W8-sized perturbation of its own on "
+        "the embedded model; docs/pairs.md).")
     max_model_len: int = Field(2048, ge=64, description="Prompt + answer tokens per sequence.")
     kv_cache_gib: int = Field(1, ge=1, description="CPU engines: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU engines: share of GPU memory.")
     enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start on CPU).")
+    enable_prefix_caching: bool = Field(
+        False, description="Reuse the KV cache of shared prompt prefixes (anchored pairs share long ones).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each engine's placement bundle asks for, "
+        "e.g. {node_a: 1} to pin engines to nodes that advertise `node_a` (`ray start --resources`).")
 
 
 class EngineConfig(VllmEngineConfig):
@@ -164,6 +171,10 @@ class PairsConfig(_Section):
         None, ge=0, description="Keep only pairs where the fp top-1/top-2 log-prob gap at the first "
         "divergence is at least this (the fp model was confident where the quantized one left it).")
     overwrite: bool = Field(False, description="Discard pairs already in `out` from a different config.")
+    fidelity_sample: int | None = Field(
+        64, ge=0, description="Pairs (seeded sample) teacher-forced through the fp32 fp model and the fp32 "
+        "π_q to check that chosen/rejected are their greedy answers (summary.json `fidelity`); null = all, "
+        "0 = skip the check.")
 
     @field_validator("divergence_window")
     @classmethod
@@ -189,9 +200,13 @@ class TrainConfig(_Section):
     """QDPO training (paper §4, eq. 5) with Ray Train + DeepSpeed; π_θ starts as π_q (STE fake-quant)."""
 
     pairs: str = Field("runs/pairs", description="Pairs directory written by `generate-pairs` (or its pairs/).")
-    objective: Literal["qdpo", "kd", "dpo_fp_ref"] = Field(
-        "qdpo", description="qdpo: reference π_q (the paper); kd: KL to the fp teacher on the fp answers "
-        "(LLM-QAT baseline); dpo_fp_ref: DPO with the fp model as reference (ablation).")
+    objective: Literal["qdpo", "qdpo+kd", "qdpo+sft", "kd", "dpo_fp_ref"] = Field(
+        "qdpo", description="qdpo: reference π_q (the paper); qdpo+kd: qdpo + kd_weight × KL(fp ‖ π_θ) on "
+        "the chosen tokens; qdpo+sft: qdpo + sft_weight × NLL of the chosen answer per token (RPO); kd: KL to "
+        "the fp teacher on the fp answers (LLM-QAT baseline); dpo_fp_ref: DPO with the fp model as "
+        "reference (ablation).")
+    kd_weight: float = Field(1.0, ge=0, description="λ of the KD term of `qdpo+kd`.")
+    sft_weight: float = Field(1.0, ge=0, description="α of the NLL term of `qdpo+sft` (TRL's rpo_alpha).")
     beta: float = Field(0.1, gt=0, description="β of eq. 5.")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO/QDPO; ipo = IPO.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="> 0 gives conservative DPO (cDPO).")
@@ -212,11 +227,49 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 = CPU/gloo).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0 = CPU/gloo; > 0 = NCCL).")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each worker asks for, e.g. {node_slot: 1} "
+        "to spread workers over nodes that advertise one `node_slot` each (`ray start --resources`).")
     checkpoint_every: int = Field(25, ge=1, description="Optimizer steps between checkpoints.")
     max_failures: int = Field(2, ge=0, description="Worker failures tolerated (restart from the last checkpoint).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     export: bool = Field(True, description="Export the trained model as a packed checkpoint (<out>/w4-<objective>).")
+
+
+class JudgeConfig(_Section):
+    """MT-Bench LLM judge (FastChat protocol) on any OpenAI-compatible endpoint; see docs/judge.md."""
+
+    base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible API base URL "
+                          "(a vLLM server: http://HOST:PORT/v1).")
+    model: str = Field("gpt-4", min_length=1, description="Judge model name (the paper: GPT-4).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (the key "
+                             "itself is never stored or logged; unset sends `EMPTY`).")
+    concurrency: int = Field(4, ge=1, description="Judge requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP request.")
+    max_retries: int = Field(5, ge=0, description="Retries of a failed request (exponential backoff), then the "
+                             "item is recorded as an error verdict.")
+    backoff_s: float = Field(2.0, ge=0, description="Wait before the first retry; doubles each retry.")
+    backoff_max_s: float = Field(60.0, ge=0, description="Longest wait between retries.")
+    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature (FastChat: 0).")
+    max_tokens: int = Field(2048, ge=1, description="Judge reply tokens (FastChat: 2048).")
+    cache: str | None = Field(None, description="JSONL cache of judgments; null = <out>/judge_cache.jsonl.")
+    retry_errors: bool = Field(True, description="A re-run asks again for items whose request failed.")
+    questions: str = Field("mtbench", description="`mtbench` (the 80 questions) or an MT-Bench-format question.jsonl.")
+    questions_limit: int | None = Field(None, ge=1, description="Judge only the first N questions (CI-size runs).")
+    categories: list[str] | None = Field(None, description="Judge only these MT-Bench categories.")
+    turns: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1, description="Turns judged.")
+    modes: list[Literal["pairwise", "single"]] = Field(
+        default_factory=lambda: ["pairwise", "single"], min_length=1,
+        description="pairwise = each model vs the baseline, both orders; single = 1-10 grading (Table 2).")
+    answers: dict[str, str] = Field(default_factory=dict, description="label → answers JSONL "
+                                    "({question_id, turns}) for `qdpo-ray judge`.")
+    baseline: str = Field("fp", min_length=1, description="Label of the answers every other model is compared with.")
+    paper_one_tie: Literal["decisive", "tie"] = Field(
+        "decisive", description="Paper rule: a win/loss in one order and a tie in the other counts as that "
+        "win/loss (decisive) or as a tie.")
+    paper_double_tie: Literal["tie", "exclude"] = Field(
+        "tie", description="Paper rule: a tie in both orders is a tie, or is left out of the counts.")
 
 
 class EvaluateConfig(_Section):
@@ -228,6 +281,8 @@ class EvaluateConfig(_Section):
         "a LoRA adapter directory (`<train out>/lora-adapter`: applied unmerged on that RTN model); "
         "the fp model is always included. CLI: --evaluate.models.qdpo=runs/train-qdpo/w4-qdpo")
     perplexity_texts: int | None = Field(None, ge=1, description="Use the first N perplexity texts (all: 60).")
+    judge: JudgeConfig | None = Field(None, description="MT-Bench LLM judge settings (`qdpo-ray judge`); null = "
+                                      "no judge. Fields: docs/judge.md.")
 
 
 class ReplicasConfig(_Section):
@@ -276,7 +331,14 @@ class ServeConfig(_Section):
         None, ge=1, description="Logical CPUs when `qdpo-ray serve` starts a local Ray; null = enough for the "
         "configured replicas (max_replicas × cpus_per_actor), at least the core count.")
     max_prompt_chars: int = Field(8000, ge=1, description="Requests with a longer prompt get 400.")
-    max_tokens: int = Field(512, ge=1, description="Upper limit for a request's max_tokens (400 above it).")
+    max_tokens: int = Field(
+        512, ge=1, description="Upper limit for a request's max_tokens (400 above it), and a chat request's "
+        "value when it gives none (vLLM would otherwise decode up to max_model_len).")
+    max_request_tokens: int = Field(
+        2048, ge=1, description="Upper limit for n × max_tokens, the tokens one prompt may generate across "
+        "its choices (400 above it); a request without max_tokens gets min(max_tokens, this / n).")
+    max_prompts_per_request: int = Field(
+        16, ge=1, description="Most prompts in one /v1/completions request (400 above it).")
     compare_max_tokens: int = Field(64, ge=1, description="Default max_tokens of /compare.")
     api_key_env: str = Field(
         "QDPO_API_KEY", description="Environment variable holding the bearer token; when it is set, every "
@@ -287,6 +349,10 @@ class ServeConfig(_Section):
     def _names(self) -> "ServeConfig":
         if self.fp_name == self.w4_name:
             raise ValueError(f"fp_name and w4_name must differ (both {self.fp_name!r})")
+        # max_tokens is the default of requests that give none; vLLM rejects one above max_model_len.
+        if self.max_tokens > self.engine.max_model_len:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must not exceed engine.max_model_len "
+                             f"({self.engine.max_model_len}); lower serve.max_tokens")
         return self
 
 

@@ -6,7 +6,8 @@ a float model. That expansion takes ~20 s and such a model refuses `save_pretrai
 rebuild a plain Llama from its config, copy the weights in and save an ordinary safetensors directory
 to a cache. Every later load is a normal `from_pretrained` of that directory (< 1 s).
 
-Note that this "fp" reference is itself the GGUF Q4_1 weights de-quantized (stored as bf16): it is the
+Note that this "fp" reference is itself the GGUF Q4_1 weights de-quantized (stored as fp32: d·q + m of
+fp16 d, m and 4-bit q needs more mantissa than bf16 has, so a bf16 copy would round it): it is the
 full-precision model of this project's experiments, not the original Hugging Face bf16 checkpoint. Any
 HF model id or local directory replaces it through the same code path.
 """
@@ -71,7 +72,7 @@ def convert_embedded_default(target: Path) -> Path:
         del cfg.quantization_config
     cfg = AutoConfig.for_model(**{k: v for k, v in cfg.to_dict().items() if k != "model_type"},
                                model_type=cfg.model_type)
-    cfg.dtype = "bfloat16"
+    cfg.dtype = "float32"
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     # lm_head is tied to the embedding; anything else missing means the conversion is wrong.
@@ -79,7 +80,6 @@ def convert_embedded_default(target: Path) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
-    plain = plain.to(torch.bfloat16)
     plain.generation_config = GenerationConfig(
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
         do_sample=False,
@@ -88,7 +88,7 @@ def convert_embedded_default(target: Path) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.md").write_text(
-            f"Converted by qdpo-ray from {_GGUF_PACKAGE}/{_GGUF_FILE} (GGUF Q4_1, de-quantized to bf16).\n"
+            f"Converted by qdpo-ray from {_GGUF_PACKAGE}/{_GGUF_FILE} (GGUF Q4_1, de-quantized to fp32).\n"
             "SmolLM2-135M-Instruct, Apache-2.0, by Hugging Face.\n"
         )
     return target
@@ -97,7 +97,7 @@ def convert_embedded_default(target: Path) -> Path:
 def resolve_model_path(name: str) -> str:
     """Map a model name to something `from_pretrained` accepts (converting the default on demand)."""
     if name == DEFAULT_ALIAS:
-        target = cache_dir() / "models" / "smollm2-135m-instruct"
+        target = cache_dir() / "models" / "smollm2-135m-instruct-fp32"  # not the bf16 copy of older versions
         if not (target / "config.json").is_file():
             convert_embedded_default(target)
         return str(target)
@@ -126,17 +126,19 @@ def load_tokenizer(model: ModelConfig | str):
     return tok
 
 
-def load_model(model: ModelConfig | str, dtype: str | None = None):
+def load_model(model: ModelConfig | str, dtype: str | None = None, attn_implementation: str | None = None):
     """Load a causal LM in eval mode (safetensors only, no remote code)."""
     from transformers import AutoModelForCausalLM
 
     cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     m = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(cfg.name),
         revision=cfg.revision,
         dtype=torch_dtype(dtype or cfg.dtype),
         trust_remote_code=False,
         use_safetensors=True,
+        **extra,
     )
     m.eval()
     return decompress(m)

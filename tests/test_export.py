@@ -8,7 +8,7 @@ import torch
 
 from qdpo_ray.config import ConfigError, QuantConfig
 from qdpo_ray.quant.export import export_packed
-from qdpo_ray.quant.fake_quant import quantize_model_rtn, to_fake_quant
+from qdpo_ray.quant.fake_quant import from_fake_quant, quantize_model_rtn, to_fake_quant
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=4, group_size=32),
@@ -85,3 +85,35 @@ def test_load_model_unpacks_once_and_matches(tiny_llama, tmp_path):
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         assert torch.equal(m(ids).logits, rtn(ids).logits)
+
+
+def test_frozen_grid_training_exports_what_training_computed(tiny_llama, tmp_path):
+    """`quant.freeze_qparams`: training quantizes on the step-0 grid; the export must pack on it too
+    (recomputed min-max scales of the trained weights would be another model)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = QuantConfig(bits=4, freeze_qparams=True)
+    policy = to_fake_quant(copy.deepcopy(tiny_llama), cfg)
+    with torch.no_grad():  # "training" that moves the channels' min/max: the frozen grid now clips
+        for name, p in policy.named_parameters():
+            if name.endswith("proj.weight"):
+                p.mul_(1.3).add_(0.01 * torch.randn_like(p))
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        trained = policy(ids).logits
+        recomputed = to_fake_quant(from_fake_quant(copy.deepcopy(policy)), QuantConfig(bits=4))(ids).logits
+    assert not torch.allclose(trained, recomputed, atol=1e-3)  # the two grids really differ here
+    out = export_packed(policy, None, cfg, tmp_path / "w", storage_dtype=torch.float32)
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    assert torch.allclose(exported, trained, atol=1e-5, rtol=0)
+
+
+def test_trained_export_is_fp32_but_announces_a_16_bit_serving_dtype(tiny_llama, tmp_path):
+    cfg = QuantConfig(bits=4)
+    out = export_packed(to_fake_quant(copy.deepcopy(tiny_llama), cfg), None, cfg, tmp_path / "w",
+                        storage_dtype=torch.float32)
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"

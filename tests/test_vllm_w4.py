@@ -19,7 +19,6 @@ N_PROMPTS, MAX_TOKENS = 8, 32
 
 @pytest.mark.parametrize("dtype", ["float16"])
 def test_vllm_w4_matches_fake_quant(tmp_path, embedded_model_dir, dtype):
-    pytest.importorskip("vllm")
     from qdpo_ray.config import ModelConfig, PromptsConfig, QuantConfig
     from qdpo_ray.data import format_prompt, load_prompts
     from qdpo_ray.generate.hf import greedy_generate

@@ -29,7 +29,7 @@ from typing import Any
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
 from qdpo_ray.generate.engine import engine_settings
-from qdpo_ray.io import atomic_path, atomic_write_json
+from qdpo_ray.io import atomic_dir, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +269,22 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
     all_pairs = sorted((raw[i] for i in expected), key=lambda r: order[r["id"]])
     kept, removed = apply_filters(all_pairs, cfg.pairs)
 
+    fidelity: dict[str, Any] = {"checked": 0}
+    if cfg.pairs.fidelity_sample != 0:
+        from qdpo_ray.generate.fidelity import check_pairs
+
+        per, fidelity = check_pairs(all_pairs, fp_dir, w4_dir, cfg.pairs.fidelity_sample, cfg.seed,
+                                    tok.pad_token_id or 0, cfg.pairs.engine.cpus_per_actor)
+        kept = [{**r, **per.get(r["id"], {})} for r in kept]
+
     meta = {"model": cfg.model.name, "fp_dir": fp_dir, "w4_dir": w4_dir, "quant": cfg.quant.label,
             "max_new_tokens": cfg.pairs.max_new_tokens, "engine_dtype": cfg.pairs.engine.dtype,
             "seed": cfg.seed, "versions": _versions()}
-    shutil.rmtree(pairs_dir, ignore_errors=True)
-    pairs_dir.mkdir(parents=True)
-    table = pa.Table.from_pylist(kept, schema=_schema()) if kept else _schema().empty_table()
+    schema = _schema(fidelity=True)
+    table = pa.Table.from_pylist(kept, schema=schema) if kept else schema.empty_table()
     table = table.replace_schema_metadata({b"qdpo_ray": json.dumps(meta).encode()})
-    with atomic_path(pairs_dir / "part-00000.parquet") as tmp:
-        pq.write_table(table, tmp)
+    with atomic_dir(pairs_dir) as tmp:  # readers see the old pairs or the new ones, never none
+        pq.write_table(table, tmp / "part-00000.parquet")
 
     n_tok = _tokens(all_pairs)
     divs = [r["first_divergence"] for r in all_pairs if r["first_divergence"] is not None]
@@ -290,6 +297,7 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
         "mean_first_divergence": sum(divs) / len(divs) if divs else None,
         "generated_tokens": n_tok,
         "tokens_per_s_per_engine": _tokens(all_pairs, {t["id"] for t in todo}) / gen_s / n_eng if gen_s else None,
+        "fidelity": fidelity,
         "generation_wall_s": round(gen_s, 1), "wall_s": round(time.time() - t0, 1), **meta,
     }
     atomic_write_json(out / "summary.json", summary)
@@ -302,14 +310,23 @@ def _tokens(rows: list[dict[str, Any]], only: set[str] | None = None) -> int:
                if only is None or r["id"] in only)
 
 
-def _schema():
+FIDELITY_COLUMNS = [("chosen_is_fp_greedy", "bool"), ("rejected_is_q_greedy", "bool"),
+                    ("chosen_fp_agreement", "float64"), ("rejected_q_agreement", "float64")]
+
+
+def _schema(fidelity: bool = False):
+    """Raw part files hold the generation columns; the final pairs add the fidelity check's (null for
+    pairs outside the checked sample)."""
     import pyarrow as pa
 
     ids = pa.list_(pa.int64())
-    return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
-                      ("rejected", pa.string()), ("prompt_token_ids", ids), ("chosen_token_ids", ids),
-                      ("rejected_token_ids", ids), ("first_divergence", pa.int64()), ("identical", pa.bool_()),
-                      ("divergence_fp_gap", pa.float64()), ("divergence_tokens", ids)])
+    fields = [("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+              ("prompt_token_ids", ids), ("chosen_token_ids", ids), ("rejected_token_ids", ids),
+              ("first_divergence", pa.int64()), ("identical", pa.bool_()), ("divergence_fp_gap", pa.float64()),
+              ("divergence_tokens", ids)]
+    if fidelity:
+        fields += [(name, pa.type_for_alias(t)) for name, t in FIDELITY_COLUMNS]
+    return pa.schema(fields)
 
 
 def _versions() -> dict[str, str]:

@@ -29,8 +29,11 @@ def _engine_kwargs(model: str, dtype: str, max_model_len: int, seed: int) -> dic
                 trust_remote_code=False)
 
 
-def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "bfloat16",
+def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
         logprobs: int | None = None, max_model_len: int = 2048, seed: int = 0) -> dict:
+    from qdpo_ray.generate.engine import apply_w4a16_env
+
+    apply_w4a16_env()
     from vllm import LLM, SamplingParams
 
     t0 = time.time()
@@ -47,7 +50,7 @@ def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: s
     return {"token_ids": token_ids, "top_logprobs": top, "engine_start_s": t1 - t0, "generate_s": t2 - t1}
 
 
-def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "bfloat16",
+def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
                    logprobs: int | None = None, timeout: float = 900) -> dict:
     """`run` in a fresh Python process (safe to call from anywhere)."""
     with tempfile.TemporaryDirectory() as d:
@@ -57,7 +60,9 @@ def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: in
                "--out", str(out), "--max-tokens", str(max_tokens), "--dtype", dtype]
         if logprobs:
             cmd += ["--logprobs", str(logprobs)]
-        env = dict(os.environ)
+        from qdpo_ray.generate.engine import apply_w4a16_env
+
+        env = apply_w4a16_env(dict(os.environ))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
@@ -71,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inp", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--logprobs", type=int, default=None)
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from qdpo_ray.generate.engine import apply_w4a16_env
+
+    apply_w4a16_env()  # before vllm is imported: its env module reads the variable once
     ids = json.loads(Path(a.inp).read_text())["prompt_token_ids"]
     res = run(a.model, ids, a.max_tokens, a.dtype, a.logprobs)
     Path(a.out).write_text(json.dumps(res))

@@ -7,8 +7,8 @@ rounding and int32 packing — its rounding convention is the one `rtn.py` follo
 equal the fake-quant integers.
 
 dtypes: scales stay fp32 (tiny; dequantized weights then equal the fp32 fake-quant weights exactly),
-the rest (embeddings, norms, lm_head) keeps the source checkpoint's dtype (bf16 for the default model,
-a lossless cast because the weights came from bf16).
+the rest (embeddings, norms, lm_head) is stored in `storage_dtype`: the source checkpoint's dtype for an
+RTN export (fp32 for the embedded default), fp32 for a trained export (its master weights, lossless).
 """
 
 from __future__ import annotations
@@ -22,12 +22,33 @@ from torch import nn
 
 from qdpo_ray.config import ConfigError, QuantConfig
 from qdpo_ray.io import atomic_dir
-from qdpo_ray.quant.fake_quant import check_group_size, from_fake_quant, quant_targets
+from qdpo_ray.quant.fake_quant import FakeQuantLinear, check_group_size, from_fake_quant, quant_targets
 from qdpo_ray.quant.rtn import QuantSpec, compute_qparams
 
 log = logging.getLogger(__name__)
 
 PACKABLE_BITS = (4, 8)  # what pack-quantized + vLLM's WNA16 kernels accept
+
+
+def require_packable(bits: int, field: str = "quant.bits", needs: str = "exporting writes",
+                     hint: str = "other bit widths are available as fake-quant/RTN models for analysis "
+                                 "(`qdpo-ray flips`) but cannot be exported") -> None:
+    """Refuse a bit width the packed checkpoint cannot hold, before anything is loaded or trained.
+
+    `needs` (a verb phrase: "`qdpo-ray quantize` writes") says what asked for the checkpoint and `hint`
+    how to get on without one; the rest of the message is the same wherever the check runs.
+    """
+    if bits not in PACKABLE_BITS:
+        raise ConfigError(f"{field}={bits}: {needs} a packed checkpoint (compressed-tensors pack-quantized, "
+                          f"served by vLLM), which supports {PACKABLE_BITS} bits only; {hint}")
+
+
+def _serve_dtype(storage: torch.dtype, serve: torch.dtype | None) -> torch.dtype:
+    """config.json's `dtype`: what engines run it in. W4A16 kernels compute in 16 bits; an fp32-stored
+    checkpoint (a trained export, lossless) is announced as fp16, which tracks the fp32 π_q on CPU and
+    GPU (docs/results.md), unless a 16-bit dtype is asked for."""
+    dt = serve or storage
+    return torch.float16 if dt == torch.float32 else dt
 
 
 def compressed_tensors_config(cfg: QuantConfig):
@@ -48,7 +69,8 @@ def compressed_tensors_config(cfg: QuantConfig):
 
 @torch.no_grad()
 def export_packed(model: nn.Module, tokenizer, cfg: QuantConfig, out: str | Path,
-                  storage_dtype: torch.dtype | None = None, extra_readme: str = "") -> Path:
+                  storage_dtype: torch.dtype | None = None, extra_readme: str = "",
+                  serve_dtype: torch.dtype | None = None) -> Path:
     """Write `model` (plain or fake-quant, full-precision master weights) as a packed W{bits} dir.
 
     `model` is modified in place (it ends up compressed); pass a copy if you need it afterwards.
@@ -56,13 +78,12 @@ def export_packed(model: nn.Module, tokenizer, cfg: QuantConfig, out: str | Path
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
-    if cfg.bits not in PACKABLE_BITS:
-        raise ConfigError(
-            f"quant.bits={cfg.bits}: a packed checkpoint (compressed-tensors pack-quantized, served by "
-            f"vLLM) supports {PACKABLE_BITS}; other bit widths are available as fake-quant/RTN models "
-            "for analysis (`qdpo-ray flips`) but cannot be exported"
-        )
+    require_packable(cfg.bits)
     check_group_size(model, cfg)
+    # A FakeQuantLinear trained with frozen qparams computed on the step-0 grid: pack on that grid, or
+    # the checkpoint would not be the model training's forward computed.
+    frozen = {name: (m.frozen_scale, m.frozen_zero) for name, m in model.named_modules()
+              if isinstance(m, FakeQuantLinear) and m.frozen_scale is not None}
     model = from_fake_quant(model)
     storage_dtype = storage_dtype or getattr(model.config, "dtype", None) or torch.bfloat16
     if isinstance(storage_dtype, str):
@@ -75,7 +96,7 @@ def export_packed(model: nn.Module, tokenizer, cfg: QuantConfig, out: str | Path
     apply_quantization_config(model, qcfg)
     for name in names:
         module = model.get_submodule(name)
-        scale, zero = compute_qparams(module.weight, spec)
+        scale, zero = frozen[name] if name in frozen else compute_qparams(module.weight, spec)
         module.weight_scale.data = scale.to(module.weight_scale.dtype)
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype)
@@ -95,7 +116,7 @@ def export_packed(model: nn.Module, tokenizer, cfg: QuantConfig, out: str | Path
         # the activation dtype, and vLLM's WNA16 CPU kernel needs bf16/fp16.
         cfg_path = tmp / "config.json"
         cfg_json = json.loads(cfg_path.read_text())
-        cfg_json["dtype"] = str(storage_dtype).removeprefix("torch.")
+        cfg_json["dtype"] = str(_serve_dtype(storage_dtype, serve_dtype)).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg_json, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -120,11 +141,7 @@ def run_quantize(cfg) -> Path:
     from qdpo_ray.config import dump_config
     from qdpo_ray.models import checkpoint_dtype, load_model, load_tokenizer
 
-    if cfg.quant.bits not in PACKABLE_BITS:  # fail before loading anything
-        raise ConfigError(
-            f"quant.bits={cfg.quant.bits}: a packed checkpoint supports {PACKABLE_BITS}; "
-            "use `qdpo-ray flips` to study other bit widths"
-        )
+    require_packable(cfg.quant.bits, needs="`qdpo-ray quantize` writes")  # before loading the model
     model = load_model(cfg.model, dtype="float32")
     tok = load_tokenizer(cfg.model)
     out = export_packed(model, tok, cfg.quant, cfg.out, storage_dtype=checkpoint_dtype(cfg.model),

@@ -73,6 +73,7 @@ def _response_forward(self, *args, score_index: torch.Tensor | None = None, scor
                       score_seq: torch.Tensor | None = None, num_sequences: int | None = None, **kwargs):
     if score_index is None:
         return self._qdpo_original_forward(*args, **kwargs)
+    check_sdpa(self)
     # peft passes labels/return_dict/output_* as None; neither path takes labels
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "labels"}
     kwargs["use_cache"] = False
@@ -84,6 +85,16 @@ def _response_forward(self, *args, score_index: torch.Tensor | None = None, scor
         logits = self._qdpo_original_forward(*args, **kwargs).logits
         tok = token_logps(logits.reshape(1, -1, logits.shape[-1])[:, score_index], score_labels.unsqueeze(0))[0]
     return _sum_per_sequence(tok, score_seq, int(num_sequences))
+
+
+def check_sdpa(model) -> None:
+    """The packed batches' 4D boolean mask means "True = attend" to SDPA only: eager attention would add
+    it to the scores and flash-attention ignores it, both silently giving wrong log-probs."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        raise ValueError(f"response log-probs need attn_implementation='sdpa' (the prompt-shared batches use a "
+                         f"4D boolean mask), but the model uses {impl!r}; load it with "
+                         "attn_implementation='sdpa' (qdpo_ray.models.load_model does for training)")
 
 
 def add_response_logps(model):

@@ -1,4 +1,4 @@
-"""QDPO / DPO / IPO / cDPO / KD losses — pure functions of log-probs and logits.
+"""QDPO / DPO / IPO / cDPO / KD losses and their mixes — pure functions of log-probs and logits.
 
 QDPO (paper eq. 5) is DPO with the preference pair (y_w = fp answer, y_l = quantized answer) and the
 quantized model π_q as the reference:
@@ -7,6 +7,9 @@ quantized model π_q as the reference:
 
 with log π(y|x) the sum of the response tokens' log-probs (prompt and padding masked). The implicit
 rewards β·(log π_θ − log π_ref) are what TRL logs as rewards/chosen and rewards/rejected.
+
+Mixes (`mixed_loss`): qdpo+kd adds λ·KL(fp teacher ‖ π_θ) on the chosen tokens, qdpo+sft adds RPO's
+α·NLL of the chosen (fp) answer, as TRL's `loss_weights` / `rpo_alpha` do.
 """
 
 from __future__ import annotations
@@ -145,9 +148,91 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return PreferenceLoss(per.mean(), (beta * chosen_lr).detach(), (beta * rejected_lr).detach())
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) over masked positions (LLM-QAT style distillation)."""
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) = Σ_v p_t(v) (log p_t(v) − log p_s(v)) at each position: [..., V] → [...] fp32."""
     t = teacher_logits.float().log_softmax(-1)
     s = student_logits.float().log_softmax(-1)
-    kl = (t.exp() * (t - s)).sum(-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) over masked positions (LLM-QAT style distillation)."""
+    kl = token_kl(student_logits, teacher_logits)
     return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def response_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over response positions given as rows: [N, V] logits at the chosen
+    tokens' positions (the fp teacher's and the policy's) → scalar. N = 0 gives a connected 0."""
+    if student_logits.shape[0] == 0:
+        return 0 * student_logits.float().sum()
+    return token_kl(student_logits, teacher_logits).mean()
+
+
+def _head_kl_sum(hidden, weight, bias, teacher_logits):
+    return token_kl(F.linear(hidden, weight, bias), teacher_logits).sum()
+
+
+def chunked_response_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             teacher_logits: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """`response_kd_loss(F.linear(hidden, weight, bias), teacher_logits)` without the policy's [N, V] logits.
+
+    hidden [N, H]: the policy's final hidden states at the chosen response positions (as
+    `logps.response_logps` selects them); weight/bias: its LM head; teacher_logits [N, V] (no grad).
+    Each `chunk` rows run under activation checkpointing, so at most one chunk of policy logits is alive
+    in forward or backward. Same value and gradients as the plain form (up to summation order).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    n = hidden.shape[0]
+    if n == 0:
+        return 0 * hidden.float().sum()
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        h, t = hidden[s:s + chunk], teacher_logits[s:s + chunk].detach()
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_head_kl_sum, h, weight, bias, t, use_reentrant=False)
+        else:
+            total = total + _head_kl_sum(h, weight, bias, t)
+    return total / n
+
+
+def sft_nll(chosen_logps: torch.Tensor, chosen_len: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024; TRL `rpo_alpha`): mean negative log-likelihood per chosen token.
+
+    chosen_logps [B]: summed log π_θ(y_w|x) of each chosen response (prompt and padding masked, as
+    `sequence_logps` / `response_logps` give them); chosen_len [B]: its number of response tokens.
+    Default, as TRL's cross-entropy over the batch's chosen tokens: −Σ_b logp_b / Σ_b len_b (a token mean
+    over the batch). per_sequence=True: the RPO paper's −mean_b(logp_b / len_b) (each answer weighs the same).
+    """
+    lens = chosen_len.to(chosen_logps.dtype)
+    if per_sequence:
+        return -(chosen_logps / lens.clamp(min=1)).mean()
+    return -chosen_logps.sum() / lens.sum().clamp(min=1)
+
+
+def mixed_loss(pref: PreferenceLoss, kd: torch.Tensor | None = None, sft: torch.Tensor | None = None,
+               kd_weight: float = 0.0, sft_weight: float = 0.0, dpo_weight: float = 1.0) -> torch.Tensor:
+    """Objective mixes on top of QDPO (TRL `loss_weights` style), a scalar:
+
+        qdpo+kd:  L = w_dpo · L_dpo + λ · L_kd     (L_kd: `response_kd_loss` / `kd_loss` on chosen tokens)
+        qdpo+sft: L = w_dpo · L_dpo + α · NLL(y_w)  (RPO; NLL: `sft_nll`)
+
+    Both may be on at once. A term with weight 0 is left out entirely (its tensor may then be None, and a
+    NaN in it cannot leak), so kd_weight = sft_weight = 0 returns `pref.loss` itself: plain QDPO.
+    """
+    terms = []
+    for name, term, w in (("dpo", pref.loss, dpo_weight), ("kd", kd, kd_weight), ("sft", sft, sft_weight)):
+        if w < 0:
+            raise ValueError(f"{name}_weight must be >= 0, got {w}")
+        if w and term is None:
+            raise ValueError(f"{name}_weight={w} needs the {name} term")
+        if w:
+            terms.append(term if w == 1 else w * term)
+    if not terms:
+        raise ValueError("every loss weight is 0")
+    loss = terms[0]
+    for t in terms[1:]:
+        loss = loss + t
+    return loss

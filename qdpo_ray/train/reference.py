@@ -56,7 +56,9 @@ TOKEN_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 class ReferenceScorer:
     """Ray Data actor: loads π_ref once, maps a batch of pairs to (id, ref_chosen_logps, ref_rejected_logps)."""
 
-    def __init__(self, cfg_json: dict[str, Any], pad_id: int):
+    def __init__(self, cfg_json: dict[str, Any], pad_id: int, init_weights=None):
+        import ray
+
         from qdpo_ray.config import RunConfig
         from qdpo_ray.models import load_model
 
@@ -64,7 +66,11 @@ class ReferenceScorer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # the dtype DeepSpeed gives the policy (`train.precision`), so that step-0 rewards are 0 in bf16 too
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.model = reference_model(load_model(cfg.model, dtype="float32"), cfg).to(device=device, dtype=dtype)
+        fp = load_model(cfg.model, dtype="float32", attn_implementation="sdpa")  # as the policy (worker.build_policy)
+        if init_weights is not None and cfg.train.objective != "dpo_fp_ref":
+            # an on-policy round: the reference is the previous round's π_θ (its master weights, fake-quant)
+            fp.load_state_dict(ray.get(init_weights), strict=False)
+        self.model = reference_model(fp, cfg).to(device=device, dtype=dtype)
         self.micro = cfg.train.per_device_batch_size
         self.pad_id = pad_id
 
@@ -79,7 +85,7 @@ class ReferenceScorer:
                 "ref_rejected_logps": np.array([r["ref_rejected_logps"] for r in scored])}
 
 
-def score_on_ray(cfg, rows: list[dict[str, Any]], pad_id: int) -> list[dict[str, Any]]:
+def score_on_ray(cfg, rows: list[dict[str, Any]], pad_id: int, init_weights=None) -> list[dict[str, Any]]:
     """`rows` with their reference log-probs, scored by `train.num_workers` ReferenceScorer actors, each
     with a training worker's CPUs/GPUs (free at this point: training has not started)."""
     import ray.data
@@ -87,7 +93,8 @@ def score_on_ray(cfg, rows: list[dict[str, Any]], pad_id: int) -> list[dict[str,
     t = cfg.train
     slim = [{"id": str(r["id"]), **{k: list(r[k]) for k in TOKEN_COLUMNS}} for r in rows]
     ds = ray.data.from_items(slim).map_batches(
-        ReferenceScorer, fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "pad_id": pad_id},
+        ReferenceScorer, fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "pad_id": pad_id,
+                               "init_weights": init_weights},
         batch_size=max(t.per_device_batch_size * 4, 1), compute=ray.data.ActorPoolStrategy(size=t.num_workers),
         num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker or None)
     got = {r["id"]: r for r in ds.take_all()}

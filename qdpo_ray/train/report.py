@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from qdpo_ray.io import atomic_path, atomic_write_text
+from qdpo_ray.io import atomic_write_text
 
 
 def write_reports(history: list[dict[str, Any]], out: Path, title: str = "QDPO", objective: str | None = None) -> None:
@@ -68,10 +68,9 @@ def _panels(history, objective: str | None) -> list[tuple[str, list[tuple[str, s
 
 
 def _plot(history, path: Path, title: str, objective: str | None = None) -> None:
-    import matplotlib
+    from qdpo_ray.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [m["step"] for m in history]
     panels = _panels(history, objective)
@@ -87,6 +86,4 @@ def _plot(history, path: Path, title: str, objective: str | None = None) -> None
         ax.set_title(name)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -1,24 +1,18 @@
-"""QDPO training: Ray Train `TorchTrainer` workers running DeepSpeed ZeRO-2/3 on a fake-quant policy.
+"""QDPO training, driver side: pairs → reference log-probs → Ray Train workers → reports → W4 export.
 
-Driver (`run_train`): read pairs → truncate → reference log-probs once (π_q, same fake-quant forward)
-→ TorchTrainer(N workers, pairs as a Ray Data shard per worker) → metrics.csv, TensorBoard events,
-training.png → export the trained master weights as a packed W4 checkpoint.
+    read pairs → truncate → reference log-probs once (π_q, same fake-quant forward; `reference`)
+    → TorchTrainer(N workers running `worker.train_loop`, DeepSpeed ZeRO-2/3, STE fake-quant π_θ)
+    → metrics.csv, TensorBoard events, training.png (`report`) → packed W{bits} export (`export`)
 
-Worker (`train_loop`): fp model → every quantized Linear becomes an STE FakeQuantLinear (so at step 0
-π_θ ≡ π_q) → optional LoRA (peft) → deepspeed.initialize → loop over its shard in a seeded order.
-Every `checkpoint_every` optimizer steps all ranks write a DeepSpeed checkpoint and report it to Ray
-Train; a restarted worker group (FailureConfig) or a re-run of the same command resumes from the latest
-one, skipping the batches already done, so the result equals an uninterrupted run.
+The Ray Train run is named after a hash of the config *and of the pairs' content*, so a re-run of the
+same command resumes its checkpoints while new pairs at the same path start a new run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
-import os
-import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,239 +21,18 @@ import torch
 
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
+from qdpo_ray.train.steps import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
-METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected"]
 
+def check(cfg: RunConfig) -> None:
+    """Refuse, before anything loads, a run whose result could not be exported as configured."""
+    from qdpo_ray.quant.export import require_packable
 
-# --------------------------------------------------------------------------------------------------
-# Worker side
-
-
-def _deepspeed_config(t) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": t.zero_stage}
-    if t.offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if t.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": t.per_device_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def lr_lambda(t, total_steps: int):
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        if t.schedule == "constant":
-            return 1.0
-        progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
-        if t.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def build_policy(cfg: RunConfig):
-    """π_θ: the fp model with STE fake-quant Linears (and LoRA adapters when configured), with the
-    response-log-prob forward mode (`logps`) and selective activation checkpointing (`checkpointing`)."""
-    from qdpo_ray.models import load_model
-    from qdpo_ray.quant.fake_quant import quantize_model_rtn, to_fake_quant
-    from qdpo_ray.train.checkpointing import enable_selective_checkpointing
-    from qdpo_ray.train.logps import add_response_logps
-
-    model = load_model(cfg.model, dtype="float32")
-    if cfg.train.lora.enabled:
-        # Paper Table 7: adapters on a frozen *quantized* base, forward Q(W)x + BAx. The base is π_q as
-        # plain Linears holding Q(W) (what `evaluate` rebuilds for an adapter): no fp master copy, no
-        # per-forward fake-quant, and the export merges BA into Q(W), the weights the adapters were
-        # trained against (not into W).
-        model = quantize_model_rtn(model, cfg.quant)
-    else:
-        model = to_fake_quant(model, cfg.quant)
-    add_response_logps(model)  # before peft wraps it (peft passes the extra forward arguments through)
-    enable_selective_checkpointing(model)  # in train mode only
-    if cfg.train.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lc = cfg.train.lora
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                 target_modules=lc.target_modules, bias="none",
-                                                 task_type="CAUSAL_LM"))
-    model.config.use_cache = False
-    return model
-
-
-def make_optimizer(params, t):
-    """AdamW (DeepSpeedCPUAdam with offload); the fused single-kernel AdamW where torch has it (CPU and
-    CUDA, torch ≥ 2.4), which also skips the foreach path's parameter-sized temporaries."""
-    if t.offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay)
-    params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                for p in params)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
-
-
-def preference_micro_step(model, b: dict[str, torch.Tensor], t) -> tuple[torch.Tensor, list[float]]:
-    """Loss and metric values (METRICS order) of one `collate_shared` micro-batch: one forward of the
-    prompt + chosen + rejected rows through the response-only LM head (`logps.response_logps`), then
-    eq. 5 against the precomputed reference."""
-    from qdpo_ray.train.logps import response_logps
-    from qdpo_ray.train.losses import preference_loss
-
-    n = b["ref_chosen"].shape[0]
-    lp = response_logps(model, b).double()
-    pl = preference_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], t.beta, t.loss_type,
-                         t.label_smoothing, b["response_len"][:n], b["response_len"][n:])
-    lp = lp.detach()
-    vals = [pl.loss.item(), pl.chosen_rewards.mean().item(), pl.rejected_rewards.mean().item(),
-            (pl.chosen_rewards - pl.rejected_rewards).mean().item(),
-            (pl.chosen_rewards > pl.rejected_rewards).double().mean().item(),
-            lp[:n].mean().item(), lp[n:].mean().item()]
-    return pl.loss, vals
-
-
-def _peak_mem_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _batches(rows: list[dict], bs: int, seed: int, epoch: int) -> list[list[dict]]:
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(rows), generator=g).tolist()
-    return [[rows[i] for i in order[j:j + bs]] for j in range(0, len(order) - bs + 1, bs)]
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
-
-    from qdpo_ray.train.batch import collate, collate_shared
-    from qdpo_ray.train.losses import kd_loss, sequence_logps
-
-    cfg = RunConfig.model_validate(config["cfg"])
-    t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-
-    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r["id"])
-    per_epoch = len(rows) // t.per_device_batch_size // t.grad_accum
-    if per_epoch == 0:
-        raise ValueError(f"worker {rank} has {len(rows)} pairs: fewer than per_device_batch_size × grad_accum")
-    total = t.max_steps or per_epoch * t.epochs
-
-    model = build_policy(cfg).train()
-    teacher = None
-    if t.objective == "kd":
-        from qdpo_ray.models import load_model
-
-        teacher = load_model(cfg.model, dtype="float32").requires_grad_(False)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total))
-    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                 config=_deepspeed_config(t), dist_init_required=False)
-    device = engine.device
-    pad = int(config.get("pad_id", 0))
-
-    step, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag="ds", load_lr_scheduler_states=True)
-            state = json.loads((Path(d) / "train_state.json").read_text())
-        step, history = state["step"], state["history"]
-
-    micro_per_step = t.grad_accum
-    while step < total:
-        epoch, in_epoch = divmod(step, per_epoch)
-        batches = _batches(rows, t.per_device_batch_size, cfg.seed, epoch)
-        micro = batches[in_epoch * micro_per_step:(in_epoch + 1) * micro_per_step]
-        t0 = time.time()
-        sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
-        for mb in micro:
-            if t.objective == "kd":
-                b = {k: v.to(device) for k, v in collate(mb, pad, rejected=False).items()}
-                tokens = float(b["attention_mask"].sum())
-                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-                with torch.no_grad():
-                    tl = teacher.to(device)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-                loss = kd_loss(logits, tl, b["mask"])
-                lp = sequence_logps(logits, b["labels"], b["mask"]).detach().double()
-                vals = [loss.item(), 0.0, 0.0, 0.0, 0.0, lp.mean().item(), 0.0]
-                del logits, tl
-            else:
-                b = {k: v.to(device) for k, v in collate_shared(mb, pad).items()}
-                tokens = float(b["tokens"])
-                loss, vals = preference_micro_step(engine, b, t)
-            engine.backward(loss.float())
-            engine.step()
-            del loss, b
-            sums += torch.tensor(vals + [tokens], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
-        toks = sums[-1].item()
-        avg = (sums[:-1] / (world * len(micro))).tolist()
-        step += 1
-        grad_norm = engine.get_global_grad_norm()
-        metrics = {k: v for k, v in zip(METRICS, avg)}
-        metrics.update({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "tokens_per_s": toks / max(1e-9, time.time() - t0), "peak_mem_gb": _peak_mem_gb()})
-        history.append(metrics)
-        last = step == total
-        if step % t.checkpoint_every == 0 or last:
-            _report_with_checkpoint(engine, cfg, metrics, history, step, rank, final=last)
-        else:
-            ray.train.report(metrics)
-
-
-def _full_state_dict(engine, cfg: RunConfig) -> dict[str, torch.Tensor] | None:
-    """The full (unpartitioned) fp32 master weights on rank 0."""
-    if cfg.train.zero_stage == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()  # gathers every partition to rank 0
-    else:
-        sd = engine.module.state_dict()
-    if sd is None:
-        return None
-    # clone: tied weights share storage, which safetensors refuses
-    return {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in sd.items()}
-
-
-def _report_with_checkpoint(engine, cfg, metrics, history, step, rank, final: bool) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag="ds")  # collective: every rank writes its ZeRO partition
-        sd = _full_state_dict(engine, cfg) if final else None
-        if rank == 0:
-            (Path(d) / "train_state.json").write_text(json.dumps({"step": step, "history": history}))
-            if sd is not None:
-                save_file(sd, str(Path(d) / "policy.safetensors"))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-
-
-# --------------------------------------------------------------------------------------------------
-# Driver side
+    if cfg.train.export:
+        require_packable(cfg.quant.bits, needs="train.export=true writes",
+                         hint="set train.export=false to keep only the training checkpoint, or quant.bits=4 or 8")
 
 
 def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -277,66 +50,94 @@ def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path, pad_id: int = 0) -> list[dict[str, Any]]:
+def pairs_digest(rows: list[dict[str, Any]]) -> str:
+    """What training reads of the pairs: ids and token ids (after truncation)."""
+    h = hashlib.sha1()
+    for r in sorted(rows, key=lambda r: str(r["id"])):
+        h.update(json.dumps([str(r["id"]), list(r["prompt_token_ids"]), list(r["chosen_token_ids"]),
+                             list(r["rejected_token_ids"])]).encode())
+    return h.hexdigest()
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def reference_key(cfg: RunConfig, digest: str, init_digest: str | None = None) -> str:
+    """Everything the reference log-probs depend on: the model (name, revision, dtype), the quantizer,
+    the reference's identity (objective), the precision it runs in, the starting weights and the pairs."""
+    return hashlib.sha1(json.dumps([cfg.model.model_dump(mode="json"), cfg.quant.model_dump(mode="json"),
+                                    cfg.train.objective, cfg.train.precision, init_digest, digest],
+                                   sort_keys=True).encode()).hexdigest()
+
+
+def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path, pad_id: int = 0,
+                   init_weights_ref=None, init_digest: str | None = None) -> list[dict[str, Any]]:
     """Rows with ref log-probs (scored on the cluster by `reference.score_on_ray`), cached in
     out/reference.parquet for the same pairs and reference."""
-    import hashlib
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from qdpo_ray.io import atomic_path
     from qdpo_ray.train.reference import score_on_ray
 
-    if cfg.train.objective == "kd":
+    if not OBJECTIVES[cfg.train.objective][2]:
         return rows
-    key = hashlib.sha1(json.dumps([cfg.model.name, cfg.quant.model_dump(mode="json"), cfg.train.objective,
-                                   [(r["id"], r["prompt_token_ids"], r["chosen_token_ids"], r["rejected_token_ids"])
-                                    for r in rows]]).encode()).hexdigest()
+    key = reference_key(cfg, pairs_digest(rows), init_digest)
     cache = out / "reference.parquet"
     if cache.is_file():
         table = pq.read_table(cache)
         if (table.schema.metadata or {}).get(b"key") == key.encode():
             return table.to_pylist()
     log.info("computing reference log-probs for %d pairs on %d Ray Data actor(s)", len(rows), cfg.train.num_workers)
-    rows = score_on_ray(cfg, rows, pad_id)
+    rows = score_on_ray(cfg, rows, pad_id, init_weights_ref)
     with atomic_path(cache) as tmp:
         pq.write_table(pa.Table.from_pylist(rows).replace_schema_metadata({b"key": key.encode()}), tmp)
     return rows
 
 
-def run_train(cfg: RunConfig) -> dict[str, Any]:
-    """Train, report and export; returns a summary dict (also written to <out>/summary.json)."""
-    import ray.data
+def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train, report and export; returns a summary dict (also written to <out>/summary.json).
+
+    `init_weights`: start π_θ (and, for QDPO, the reference) from these master weights instead of the
+    fp model — an on-policy round continuing from the previous round's result.
+    """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from qdpo_ray.io import atomic_write_json
     from qdpo_ray.models import load_tokenizer
+    from qdpo_ray.train.export import export_trained
     from qdpo_ray.train.report import write_reports
 
+    check(cfg)
     t = cfg.train
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = prepare_pairs(cfg)
     tok = load_tokenizer(cfg.model)
     ensure_ray(int(t.num_workers * t.cpus_per_worker) + 2)
-    rows = reference_rows(cfg, rows, out, tok.pad_token_id or 0)
+    init_ref = ray.put(init_weights) if init_weights is not None else None
+    init_digest = _weights_digest(init_weights) if init_weights is not None else None
+    rows = reference_rows(cfg, rows, out, tok.pad_token_id or 0, init_ref, init_digest)
 
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.resources_per_worker}
     if t.gpus_per_worker:
         resources["GPU"] = t.gpus_per_worker
     cfg_json = cfg.model_dump(mode="json")
-    run_name = "train-" + _hash(cfg_json)
+    run_name = "train-" + _hash([cfg_json, pairs_digest(rows), init_digest])
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg_json, "pad_id": tok.pad_token_id or 0},
+        _train_loop,
+        # the pairs travel through the object store, not a Ray Data split: every (re)started worker
+        # derives its own deterministic shard from the same rows (worker.shard_rows)
+        train_loop_config={"cfg": cfg_json, "pad_id": tok.pad_token_id or 0, "rows": ray.put(rows),
+                           "init_weights": init_ref},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(name=run_name, storage_path=str(out / "ray"),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 failure_config=FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": ray.data.from_items(rows)},
     )
     t0 = time.time()
     result = trainer.fit()
@@ -347,18 +148,56 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
         weights = _load_policy_weights(Path(d) / "policy.safetensors")
     history = state["history"]
     summary = {"objective": t.objective, "steps": state["step"], "pairs": len(rows), "wall_s": round(time.time() - t0, 1),
-               "final": history[-1] if history else None, "checkpoint": result.checkpoint.path}
+               "final": history[-1] if history else None, "checkpoint": result.checkpoint.path,
+               "run_name": run_name}
     write_reports(history, out, objective=t.objective,
                   title=f"{t.objective.upper()} ({cfg.quant.label}, {'' if t.objective == 'kd' else f'β={t.beta}, '}lr={t.lr})")
-    summary.update(_export_and_count(cfg, weights, out, tok))
+    summary.update(export_trained(cfg, weights, out, tok, init_weights))
+    summary["codes_moved"] = codes_moved(cfg, weights, init_weights)
     atomic_write_json(out / "summary.json", summary)
     return summary
 
 
-def _hash(obj: Any) -> str:
-    import hashlib
+def _train_loop(config: dict[str, Any]) -> None:
+    from qdpo_ray.train.worker import train_loop
 
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+    train_loop(config)
+
+
+def _weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha1()
+    for k in sorted(weights):
+        h.update(k.encode())
+        h.update(weights[k].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def codes_moved(cfg: RunConfig, weights: dict[str, torch.Tensor],
+                init_weights: dict[str, torch.Tensor] | None = None) -> float | None:
+    """Fraction of the quantized layers' integer codes that training changed (vs. its starting point)."""
+    if not cfg.quant.enabled or cfg.train.lora.enabled:
+        return None
+    from qdpo_ray.models import load_model
+    from qdpo_ray.quant.fake_quant import quant_targets
+    from qdpo_ray.quant.rtn import QuantSpec, compute_qparams, quantize
+
+    start = load_model(cfg.model, dtype="float32")
+    if init_weights is not None:
+        start.load_state_dict(init_weights, strict=False)
+    spec = QuantSpec.from_config(cfg.quant)
+    moved = total = 0
+    for name, module in quant_targets(start, cfg.quant.targets, cfg.quant.ignore):
+        w0 = module.weight.detach().float()
+        w1 = weights[f"{name}.weight"].float()
+        s0, z0 = compute_qparams(w0, spec)
+        if cfg.quant.freeze_qparams:
+            s1, z1 = s0, z0
+        else:
+            s1, z1 = compute_qparams(w1, spec)
+        q0, q1 = quantize(w0, s0, z0, spec), quantize(w1, s1, z1, spec)
+        moved += int((q0 != q1).sum())
+        total += q0.numel()
+    return moved / max(1, total)
 
 
 def _load_policy_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -367,28 +206,3 @@ def _load_policy_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise RuntimeError(f"final checkpoint has no {path.name}; the run did not finish")
     return load_file(str(path))
-
-
-def _export_and_count(cfg: RunConfig, weights: dict[str, torch.Tensor], out: Path, tok) -> dict[str, Any]:
-    """Load the trained master weights into π_θ, count parameters, export W{bits} (and the LoRA adapter)."""
-    from qdpo_ray.models import checkpoint_dtype
-    from qdpo_ray.quant.export import PACKABLE_BITS, export_packed
-
-    model = build_policy(cfg)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"trained weights do not fit the policy: missing={missing[:5]} unexpected={unexpected[:5]}")
-    info = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters())}
-    if cfg.train.lora.enabled:
-        adapter = out / "lora-adapter"
-        model.save_pretrained(str(adapter))
-        info["adapter"] = str(adapter)
-        model = model.merge_and_unload()  # Q(W) + BA (build_policy's base is Q(W)), then quantized below
-    if cfg.train.export and cfg.quant.bits in PACKABLE_BITS:
-        target = out / f"w{cfg.quant.bits}-{cfg.train.objective}{'-lora' if cfg.train.lora.enabled else ''}"
-        export_packed(model, tok, cfg.quant, target, storage_dtype=checkpoint_dtype(cfg.model),
-                      extra_readme=f"\nTrained with qdpo-ray `{cfg.train.objective}` from `{cfg.model.name}`.\n")
-        info["export"] = str(target)
-    return info
