@@ -170,6 +170,19 @@ _COMMANDS: dict[str, tuple[Callable[[RunConfig], int], str]] = {
 }
 
 
+def _cmd_judge(cfg: RunConfig) -> int:
+    from qdpo_ray.evaluate.judge import judge_markdown, run_judge
+
+    print(judge_markdown(run_judge(cfg)))
+    print(f"wrote {cfg.out}/judge.json, judge.md, judge.png")
+    return 0
+
+
+_COMMANDS["judge"] = (_cmd_judge, "MT-Bench LLM judge of answers files on an OpenAI-compatible endpoint: "
+                      "pairwise vs the baseline (both orders) and 1-10 grading")
+_STAGE_FLAGS["judge"] = ["--out"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdpo-ray", description="Quantization-aware DPO on Ray.",
                                 epilog="Any config field can be set as --section.key=value.")

@@ -1,4 +1,9 @@
-"""Atomic file output: a reader sees the old file or the new one, never half of one."""
+"""Atomic file output: a reader sees the old file or the new one, never half of one.
+
+Temporary files and directories from `tempfile` are private (0600 / 0700); what we rename into place gets
+the mode an ordinary `open()` / `mkdir()` would give (0666 / 0777 less the umask), so another user — a Ray
+Serve replica, a colleague reading the report — can read it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,28 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process umask, without changing it where the kernel reports it (Linux ≥ 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the umask can only be read by setting it: set and restore it at once, and never from two
+    # of our threads at a time (another library's thread could still create a file in between).
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -19,6 +43,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        # Before the block writes: writers that truncate the file (write_text, savefig) keep its mode.
+        os.chmod(tmp, 0o666 & ~umask())
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
@@ -44,8 +70,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
     try:
+        tmp.chmod(0o777 & ~umask())
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

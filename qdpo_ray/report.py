@@ -1,8 +1,8 @@
 """The report of one pipeline run: README.md + PNGs + results.json, built from the stages' own outputs.
 
-Reads `<run>/flips/summary.json`, `pairs/summary.json`, `train/summary.json` + `metrics.csv`,
-`eval/results.json` and their plots; computes nothing new except the comparison-table image. A stage the
-run did not select is left out of the report.
+Reads flips' summary.json, pairs' summary.json, train's summary.json + metrics.csv, evaluate's
+results.json and their plots, from the output directories the pipeline passes in; computes nothing new
+except the comparison-table image. A stage the run did not select is left out of the report.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Any
 from qdpo_ray.config import RunConfig
 from qdpo_ray.io import atomic_dir
 
-REPORTED_STAGES = ("flips", "pairs", "train", "evaluate")  # the stages whose outputs a report reads
-# report file → (stage, file in the run directory)
-FIGURES = {"margins.png": ("flips", "flips/margins.png"), "training.png": ("train", "train/training.png"),
-           "comparison.png": ("evaluate", "eval/comparison.png")}
+# report file → (stage, file in that stage's output directory)
+FIGURES = {"margins.png": ("flips", "margins.png"), "training.png": ("train", "training.png"),
+           "comparison.png": ("evaluate", "comparison.png")}
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -34,29 +33,32 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
     return "—" if x is None else format(x, fmt)
 
 
-def collect(cfg: RunConfig, run_dir: Path, timings: dict[str, float | None], serve: str | None,
-            include: tuple[str, ...] = REPORTED_STAGES) -> dict[str, Any]:
-    """The numbers of the report, from the outputs of the `include`d stages in the run directory."""
+def collect(cfg: RunConfig, sources: dict[str, Path], timings: dict[str, float | None],
+            serve: str | None) -> dict[str, Any]:
+    """The numbers of the report, from the output directories in `sources` (stage name → directory)."""
+    def _read(stage: str, name: str) -> dict[str, Any] | None:
+        return _json(Path(sources[stage]) / name) if stage in sources else None
+
     res: dict[str, Any] = {"model": cfg.model.name, "quant": cfg.quant.label,
                            "train_prompts": cfg.pipeline.train_prompts.model_dump(mode="json"),
                            "eval_prompts": cfg.pipeline.eval_prompts.model_dump(mode="json"),
                            "stage_wall_s": timings,
                            "total_stage_wall_s": round(sum(v for v in timings.values() if v), 1),
                            "serve_command": serve}
-    if "flips" in include and (f := _json(run_dir / "flips" / "summary.json")) is not None:
+    if (f := _read("flips", "summary.json")) is not None:
         res["flips"] = {k: f.get(k) for k in ("n_prompts", "n_tokens", "n_flips", "flip_rate", "prompts_with_flip",
                                                "mean_first_flip_position", "mean_margin_flipped",
                                                "mean_margin_unflipped", "max_new_tokens")}
-    if "pairs" in include and (p := _json(run_dir / "pairs" / "summary.json")) is not None:
+    if (p := _read("pairs", "summary.json")) is not None:
         res["pairs"] = {k: p.get(k) for k in ("prompts", "pairs_generated", "pairs_kept", "removed", "identical_rate",
                                                "mean_first_divergence", "generated_tokens", "max_new_tokens",
                                                "wall_s")}
-    if "train" in include and (t := _json(run_dir / "train" / "summary.json")) is not None:
-        hist = _metrics(run_dir / "train" / "metrics.csv")
+    if (t := _read("train", "summary.json")) is not None:
+        hist = _metrics(Path(sources["train"]) / "metrics.csv")
         res["train"] = {"objective": t.get("objective"), "steps": t.get("steps"), "pairs": t.get("pairs"),
                         "export": t.get("export"), "first": hist[0] if hist else None,
                         "final": t.get("final"), "wall_s": t.get("wall_s")}
-    if "evaluate" in include and (e := _json(run_dir / "eval" / "results.json")) is not None:
+    if (e := _read("evaluate", "results.json")) is not None:
         res["evaluate"] = e
     return res
 
@@ -129,10 +131,9 @@ def markdown(res: dict[str, Any], figures: list[str]) -> str:
 
 def table_png(report: dict[str, Any], path: Path) -> None:
     """The held-out comparison table as an image (for slides and issue comments)."""
-    import matplotlib
+    from qdpo_ray.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = ["model", "flip rate ↓", "ROUGE-L to fp ↑", "exact match ↑", "perplexity ↓"]
     rows = [[label, f"{r['flip_rate']:.1%}", f"{r['rouge_l']:.3f}", f"{r['exact_match']:.1%}", f"{r['perplexity']:.2f}"]
@@ -143,19 +144,18 @@ def table_png(report: dict[str, Any], path: Path) -> None:
     tbl.scale(1, 1.4)
     ax.set_title(f"{report['quant']} on {report['n_prompts']} held-out prompts ({report['prompts']})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)  # `path` is inside write_report's atomic directory
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def write_report(cfg: RunConfig, run_dir: Path, out: Path, timings: dict[str, float | None],
-                 serve: str | None, include: tuple[str, ...] = REPORTED_STAGES
-                 ) -> dict[str, Any]:
-    res = collect(cfg, Path(run_dir), timings, serve, include)
+def write_report(cfg: RunConfig, out: Path, sources: dict[str, Path], timings: dict[str, float | None],
+                 serve: str | None) -> dict[str, Any]:
+    """Write the report of the stages in `sources` (stage name → output directory) into `out`."""
+    res = collect(cfg, sources, timings, serve)
     with atomic_dir(out) as tmp:
         figures = []
         for name, (stage, src) in FIGURES.items():
-            if stage in include and (Path(run_dir) / src).is_file():
-                shutil.copyfile(Path(run_dir) / src, tmp / name)
+            if stage in sources and (Path(sources[stage]) / src).is_file():
+                shutil.copyfile(Path(sources[stage]) / src, tmp / name)
                 figures.append(name)
         if "evaluate" in res:
             table_png(res["evaluate"], tmp / "comparison_table.png")

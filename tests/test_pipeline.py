@@ -3,16 +3,19 @@ small real run on the embedded model (then a re-run that skips everything)."""
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
 
 from qdpo_ray import pipeline as pl
 from qdpo_ray.cli import main
-from qdpo_ray.config import PIPELINE_STAGES, ConfigError, load_config
+from qdpo_ray.config import PIPELINE_STAGES, ConfigError, PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +37,7 @@ def fake_runners(monkeypatch):
         def run(st, done):
             calls.append(name)
             st.out.mkdir(parents=True, exist_ok=True)
-            (st.out / pl.PRODUCT[name]).write_text("{}")
+            (st.out / pl.SPECS[name].product).write_text("{}")
             return {"ok": True}
         return run
 
@@ -45,6 +48,16 @@ def fake_runners(monkeypatch):
 
 def _run(cfg):
     return pl.execute(pl.plan(cfg), echo=lambda s: None)
+
+
+def test_each_stage_is_declared_once_in_pipeline_order():
+    names = tuple(s.name for s in pl.STAGES)
+    assert names == PIPELINE_STAGES == tuple(pl.SPECS) == tuple(pl.RUNNERS)
+    (literal,) = typing.get_args(PipelineConfig.model_fields["stages"].annotation)
+    assert typing.get_args(literal) == names  # the values `pipeline.stages` accepts
+    for i, s in enumerate(pl.STAGES):
+        assert set(s.deps) <= set(names[:i]), f"{s.name} depends on a later stage"
+    assert len({s.dir for s in pl.STAGES}) == len(names)
 
 
 def test_plan_of_a_fresh_dir(tmp_path):
@@ -141,7 +154,7 @@ def test_crash_then_continue(tmp_path, fake_runners, monkeypatch):
     assert all(s.status == "skip" for s in pl.plan(_cfg(out)))
 
 
-def test_foreign_output_missing_product_and_corrupt_marker(tmp_path, fake_runners):
+def test_foreign_output_and_missing_product(tmp_path, fake_runners):
     out = tmp_path / "run"
     (out / "flips").mkdir(parents=True)
     (out / "flips" / "old.txt").write_text("from another tool")
@@ -155,8 +168,53 @@ def test_foreign_output_missing_product_and_corrupt_marker(tmp_path, fake_runner
     assert st == {"quantize": "skip", "flips": "skip", "pairs": "run", "train": "rerun", "evaluate": "rerun",
                   "report": "rerun"}
 
-    (out / ".stage-quantize.json").write_text('{"stage": "quantize", "ha')  # torn write
-    assert pl.plan(_cfg(out))[0].status == "rerun"
+
+def _finished(tmp_path, fake_runners):
+    out = tmp_path / "run"
+    _run(_cfg(out))
+    fake_runners.clear()
+    return out
+
+
+@pytest.mark.parametrize("damage,expect", [
+    (lambda m: m.write_text('{"stage": "quantize", "ha'), "is not valid JSON"),
+    (lambda m: m.write_bytes(b"\xff\xfe"), "is not valid JSON"),
+    (lambda m: m.write_text('{"note": "hand-written"}'), "is not a pipeline marker of stage quantize"),
+    (lambda m: m.write_text('["quantize"]'), "is not a pipeline marker"),
+    (lambda m: (m.unlink(), m.mkdir()), "Is a directory"),
+], ids=["torn", "not-utf8", "foreign-json", "not-a-dict", "directory"])
+def test_a_damaged_marker_stops_the_run_and_keeps_the_output(tmp_path, fake_runners, damage, expect):
+    out = _finished(tmp_path, fake_runners)
+    marker = out / ".stage-quantize.json"
+    damage(marker)
+    for attempt in (lambda: pl.plan(_cfg(out)), lambda: pl.run_pipeline(_cfg(out), echo=lambda s: None)):
+        with pytest.raises(pl.RunDirError, match=expect) as e:
+            attempt()
+        assert str(marker) in str(e.value) and "delete it to rebuild that stage" in str(e.value)
+    assert (out / "w4-rtn" / "config.json").is_file() and fake_runners == []
+    assert main(["pipeline", "--out", str(out), "--dry-run"]) == 2  # one line on stderr, no traceback
+
+
+def test_an_unreadable_marker_stops_the_run(tmp_path, fake_runners, monkeypatch):
+    out = _finished(tmp_path, fake_runners)
+    marker = out / ".stage-train.json"
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == marker:  # chmod 000 does not stop root, who runs the tests in CI containers
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(pl.RunDirError, match=re.escape(f"cannot read {marker} (Permission denied)")):
+        pl.run_pipeline(_cfg(out), echo=lambda s: None)
+    assert (out / "train" / "summary.json").is_file() and fake_runners == []
+
+
+def test_a_missing_marker_alone_means_not_run(tmp_path, fake_runners):
+    out = _finished(tmp_path, fake_runners)
+    (out / ".stage-report.json").unlink()
+    assert {s.name: s.status for s in pl.plan(_cfg(out))}["report"] == "rerun"
 
 
 def test_done_marker_is_atomic(tmp_path, fake_runners, monkeypatch):
@@ -182,6 +240,58 @@ def test_done_marker_is_atomic(tmp_path, fake_runners, monkeypatch):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(io.os, "replace", real_replace)
     assert pl.plan(cfg)[0].status == "rerun"  # an interrupted non-resumable stage starts over
+
+
+def test_a_second_lock_on_the_same_run_dir_fails_at_once(tmp_path):
+    run = tmp_path / "run"
+    with pl.run_dir_lock(run):
+        # flock locks conflict between two opens of the file even within one process
+        with pytest.raises(pl.RunDirError, match=f"in use by another `qdpo-ray pipeline` \\(pid {os.getpid()} on "):
+            with pl.run_dir_lock(run):
+                pass
+    with pl.run_dir_lock(run):  # released at the end of the block
+        pass
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from qdpo_ray.pipeline import run_dir_lock
+with run_dir_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_pipeline_stops_while_another_holds_its_run_dir(tmp_path, fake_runners, capsys):
+    out = _finished(tmp_path, fake_runners)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(pl.RunDirError, match=f"{re.escape(str(out))} is in use .*pid {holder.pid} on .*"
+                                                 f"lock file .*\\.pipeline\\.lock.*another --out"):
+            pl.run_pipeline(_cfg(out, "train.lr=1e-5"), echo=lambda s: None)
+        assert fake_runners == [] and json.loads((out / ".stage-train.json").read_text())["state"] == "done"
+        assert main(["pipeline", "--out", str(out), "--dry-run"]) == 0  # planning needs no lock
+        assert "rerun" not in capsys.readouterr().out
+    finally:
+        holder.kill()  # the kernel drops a dead process's flock: no stale lock
+        holder.wait()
+    pl.run_pipeline(_cfg(out, "train.lr=1e-5"), echo=lambda s: None)
+    assert fake_runners == ["train", "evaluate", "report"]
+
+
+def test_unsupported_bits_have_one_message():
+    from qdpo_ray.quant.export import require_packable
+
+    with pytest.raises(ConfigError) as e:
+        require_packable(3, needs="`qdpo-ray quantize` writes")
+    assert str(e.value).startswith("quant.bits=3: `qdpo-ray quantize` writes a packed checkpoint")
+    assert "supports (4, 8) bits only; " in str(e.value) and "qdpo-ray flips" in str(e.value)
+    with pytest.raises(ConfigError, match=r"quant.bits=2: the pipeline exports and serves a packed .* \(4, 8\)"):
+        pl.plan(_cfg("x", "quant.bits=2"))
+    require_packable(4), require_packable(8)
 
 
 def test_report_from_whatever_the_stages_wrote(tmp_path, fake_runners, monkeypatch):

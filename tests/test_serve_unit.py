@@ -201,3 +201,266 @@ def test_cors_only_when_configured(monkeypatch):
     assert "access-control-allow-origin" not in _app(monkeypatch).get("/healthz", headers=origin).headers
     c = _app(monkeypatch, cors=["http://app.example"])
     assert c.get("/healthz", headers=origin).headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_require_key_fails_closed_when_the_replica_lacks_it(monkeypatch):
+    """Built with a key but the replica's environment has none: refuse (503), never serve unauthenticated."""
+    from fastapi.testclient import TestClient
+
+    from qdpo_ray.serve.ingress import create_app
+
+    monkeypatch.delenv("QDPO_TEST_KEY", raising=False)
+    app = create_app("QDPO_TEST_KEY", [], require_key=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": []}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    c = TestClient(app)
+    r = c.get("/v1/models")
+    assert r.status_code == 503 and "QDPO_TEST_KEY" in r.json()["error"]["message"]
+    assert c.get("/healthz").status_code == 200
+    monkeypatch.setenv("QDPO_TEST_KEY", "k")
+    assert c.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+# ---- request limits (issue 11: defaults and caps before a request reaches an engine) -------------------
+
+SETTINGS = {"fp_name": "fp16", "w4_name": "w4", "max_prompt_chars": 200, "max_tokens": 512,
+            "max_request_tokens": 2048, "max_prompts_per_request": 16, "compare_max_tokens": 64}
+
+
+def _limits(**kw):
+    from qdpo_ray.serve.ingress import Limits
+
+    return Limits.from_settings({**SETTINGS, **kw})
+
+
+def _chat(**kw):
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate({"model": "w4", "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def _completion(**kw):
+    from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest
+
+    return CompletionRequest.model_validate({"model": "w4", "prompt": "hi", **kw})
+
+
+def _api_error(fn, *args):
+    from qdpo_ray.serve.ingress import ApiError
+
+    with pytest.raises(ApiError) as e:
+        fn(*args)
+    assert 400 <= e.value.status < 500
+    return e.value
+
+
+def _max_tokens(body):
+    d = vars(body)
+    return d.get("max_completion_tokens") or d.get("max_tokens")
+
+
+def test_chat_without_max_tokens_gets_the_served_default():
+    body = _chat()
+    _limits().check_chat(body)
+    assert _max_tokens(body) == 512  # not None, which vLLM decodes up to max_model_len
+    body = _chat(n=8)
+    _limits().check_chat(body)
+    assert _max_tokens(body) == 2048 // 8  # n × max_tokens stays within serve.max_request_tokens
+    body = _chat(max_completion_tokens=7)
+    _limits().check_chat(body)
+    assert _max_tokens(body) == 7
+
+
+def _null_max_tokens(body):
+    # vLLM's CompletionRequest turns a missing or null max_tokens into 16 while validating; the ingress
+    # must still bound a body that arrives without one (a vLLM without that normalisation).
+    body.max_tokens = None
+    return body
+
+
+def test_completion_without_max_tokens_is_bounded():
+    body = _completion(max_tokens=None)
+    _limits().check_completion(body)
+    assert 1 <= body.max_tokens <= 512
+    body = _null_max_tokens(_completion())
+    _limits().check_completion(body)
+    assert body.max_tokens == 512
+    body = _null_max_tokens(_completion(n=5))
+    _limits().check_completion(body)
+    assert body.max_tokens == 2048 // 5
+
+
+@pytest.mark.parametrize("kw,param,needle", [
+    ({"max_tokens": 513}, "max_tokens", "serve.max_tokens"),
+    ({"max_completion_tokens": 513}, "max_completion_tokens", "serve.max_tokens"),
+    ({"max_completion_tokens": 5, "max_tokens": 10_000}, "max_tokens", "serve.max_tokens"),
+    ({"max_tokens": 0}, "max_tokens", "between 1"),
+    ({"n": 8, "max_tokens": 512}, "max_tokens", "serve.max_request_tokens"),
+    ({"n": 9}, "n", "between 1 and 8"),
+    ({"n": 0}, "n", "between 1 and 8"),
+    ({"temperature": 3}, "temperature", "between 0 and 2"),
+])
+def test_chat_sampling_limits_name_the_field(kw, param, needle):
+    e = _api_error(_limits().check_chat, _chat(**kw))
+    assert e.param == param and needle in e.message and e.message.startswith(param)
+
+
+def test_completion_prompt_count_is_capped():
+    _limits().check_completion(_completion(prompt=["a"] * 16))
+    e = _api_error(_limits().check_completion, _completion(prompt=["a"] * 17))
+    assert e.param == "prompt" and "serve.max_prompts_per_request" in e.message and "17" in e.message
+    e = _api_error(_limits().check_completion, _completion(prompt=[1, 2, 3]))
+    assert e.param == "prompt"
+
+
+def test_messages_size_counts_every_part():
+    from qdpo_ray.serve.ingress import messages_size
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 500}}
+    chars, said = messages_size([{"role": "user", "content": [image]}])
+    assert chars > 500 and said  # a non-text part counts as its JSON, not as zero text
+    tool_call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "x" * 300}}
+    chars, said = messages_size([{"role": "assistant", "content": None, "tool_calls": [tool_call]}])
+    assert chars > 300 and said
+    chars, _ = messages_size([{"role": "user", "content": [{"type": "text", "text": "abc"}]}])
+    assert chars == len("user") + 3
+    assert messages_size([{"role": "user", "content": "  "}])[1] is False
+
+
+def test_chat_size_limit_covers_non_text_parts_and_tools():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 500}}
+    e = _api_error(_limits().check_chat, _chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "describe"}, image]}]))
+    assert e.param == "messages" and "serve.max_prompt_chars" in e.message
+    tool = {"type": "function", "function": {"name": "f", "description": "d" * 500, "parameters": {}}}
+    e = _api_error(_limits().check_chat, _chat(tools=[tool]))
+    assert e.param == "messages" and "serve.max_prompt_chars" in e.message
+    _limits().check_chat(_chat())  # a short text chat stays within the limit
+    e = _api_error(_limits().check_chat, _chat(messages=[{"role": "user", "content": " "}]))
+    assert e.param == "messages" and "empty" in e.message
+
+
+def test_compare_max_tokens_default_and_cap():
+    lim = _limits(max_tokens=32)
+    assert lim.compare_max_tokens(None, 64) == 32  # a default above the cap is clipped, not a 400
+    assert lim.compare_max_tokens(8, 64) == 8
+    e = _api_error(lim.compare_max_tokens, 33, 64)
+    assert e.param == "max_tokens" and "serve.max_tokens" in e.message
+
+
+def _ingress(monkeypatch):
+    """A QdpoIngress without Serve: Ray's routes replaced by fakes that return what would reach the engine."""
+    from ray.serve.llm.ingress import OpenAiIngress
+
+    from qdpo_ray.serve.ingress import Limits, QdpoIngress
+
+    async def passthrough(self, body, request):
+        return body
+
+    monkeypatch.setattr(OpenAiIngress, "chat", passthrough)
+    monkeypatch.setattr(OpenAiIngress, "completions", passthrough)
+    ing = object.__new__(QdpoIngress)
+    ing.fp_name, ing.w4_name, ing.compare_default_tokens = "fp16", "w4", 64
+    ing.limits = Limits.from_settings(SETTINGS)
+    seen = []
+
+    async def greedy(model, messages, max_tokens):
+        seen.append(max_tokens)
+        return _side([1, 2])
+
+    ing._greedy = greedy
+    return ing, seen
+
+
+def test_routes_apply_the_default_before_the_engine(monkeypatch):
+    import asyncio
+
+    ing, seen = _ingress(monkeypatch)
+    assert _max_tokens(asyncio.run(ing.chat(_chat(), None))) == 512
+    assert asyncio.run(ing.completions(_null_max_tokens(_completion()), None)).max_tokens == 512
+    asyncio.run(ing.compare(CompareRequest(prompt="hi")))
+    assert seen == [64, 64]
+    e = _api_error(lambda: asyncio.run(ing.compare(CompareRequest(prompt="hi", max_tokens=513))))
+    assert e.param == "max_tokens"
+
+
+def test_new_limits_are_config_fields():
+    from qdpo_ray.config import ConfigError, load_config
+
+    s = load_config(None, []).serve
+    assert s.max_prompts_per_request == 16 and s.max_request_tokens >= s.max_tokens
+    with pytest.raises(ConfigError, match="serve.max_prompts_per_request"):
+        load_config(None, ["serve.max_prompts_per_request=0"])
+    from qdpo_ray.serve.app import ingress_settings
+
+    assert {"max_prompts_per_request", "max_request_tokens"} <= set(ingress_settings(s))
+
+
+# ---- the page -----------------------------------------------------------------------------------------
+
+
+def _page_script():
+    from importlib import resources
+
+    page = resources.files("qdpo_ray.serve").joinpath("page.html").read_text()
+    return page[page.index("<script>"):]
+
+
+def test_page_never_parses_strings_as_html():
+    script = _page_script()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, f"page.html uses {sink}; build elements and set textContent"
+    assert "textContent" in script
+    assert "localStorage" not in script  # the API key must not outlive the browser session on disk
+
+
+def test_page_escapes_model_names():
+    from qdpo_ray.serve.ingress import render_page
+
+    page = render_page("<img src=x onerror=alert(1)>", "w4")
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+# ---- one ROUGE-L --------------------------------------------------------------------------------------
+
+
+def test_rouge_l_single_implementation():
+    import re
+    from pathlib import Path
+
+    from qdpo_ray import text_metrics
+    from qdpo_ray.serve import compare
+
+    assert compare.rouge_l is text_metrics.rouge_l
+    pkg = Path(text_metrics.__file__).parent
+    defs = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if re.search(r"^def rouge", p.read_text(), re.M)]
+    assert defs == ["text_metrics.py"]
+    assert "from qdpo_ray.text_metrics import rouge_l" in (pkg / "evaluate" / "compare.py").read_text()
+    # Stages import downwards only: serve must not reach into evaluate.
+    for p in (pkg / "serve").glob("*.py"):
+        assert "qdpo_ray.evaluate" not in p.read_text(), p
+
+
+def test_rouge_l_values():
+    from qdpo_ray.text_metrics import rouge_l
+
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("!!", "!!") == 1.0  # equal answers, even with no words
+    assert rouge_l("dog", "cat") == 0.0
+    assert rouge_l("the cat sat", "the cat") == pytest.approx(rouge_l("the cat", "the cat sat")) == pytest.approx(0.8)
+
+
+def test_served_max_tokens_fits_the_engine():
+    """serve.max_tokens is the default of requests without one; vLLM would reject it above max_model_len."""
+    from qdpo_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="max_model_len"):
+        load_config(None, ["serve.engine.max_model_len=256", "serve.max_tokens=512"])
+    load_config(None, ["serve.engine.max_model_len=256", "serve.max_tokens=256"])

@@ -27,6 +27,7 @@ from qdpo_ray.generate.hf import greedy_generate, teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from qdpo_ray.models import load_model, load_tokenizer
 from qdpo_ray.quant.fake_quant import quantize_model_rtn
+from qdpo_ray.text_metrics import rouge_l
 
 
 def perplexity_texts(limit: int | None = None) -> list[str]:
@@ -47,13 +48,6 @@ def perplexity(model, tok, texts: list[str], max_len: int = 512) -> float:
         nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         n += ids.shape[1] - 1
     return math.exp(nll / max(1, n))
-
-
-def rouge_l(a: list[str], b: list[str]) -> list[float]:
-    from rouge_score import rouge_scorer
-
-    sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return [sc.score(x, y)["rougeL"].fmeasure for x, y in zip(a, b)]
 
 
 def _model(label: str, spec: str, fp, cfg: RunConfig):
@@ -99,7 +93,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
         samples[label] = text
         results[label] = {
             "model": spec, "flip_rate": flips / max(1, total),
-            "rouge_l": sum(rouge_l(text, fp_text)) / len(text),
+            "rouge_l": sum(map(rouge_l, text, fp_text)) / len(text),
             "exact_match": sum(a == b for a, b in zip(answers, fp_answers)) / len(answers),
             "perplexity": perplexity(m, tok, texts),
             "mean_answer_tokens": sum(len(a) for a in answers) / len(answers),

@@ -67,10 +67,9 @@ def summarize(rows: list[dict[str, Any]], prompt_ids: list[str]) -> dict[str, An
 
 
 def plot_margins(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+    from qdpo_ray.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     flipped = [r["margin"] for r in rows if r["flip"]]
     unflipped = [r["margin"] for r in rows if not r["flip"]]
@@ -84,9 +83,7 @@ def plot_margins(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_flips(cfg: RunConfig) -> dict[str, Any]:

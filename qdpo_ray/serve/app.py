@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qdpo_ray.config import ConfigError, ReplicasConfig, RunConfig, load_config
+from qdpo_ray.config import ConfigError, ReplicasConfig, RunConfig, ServeConfig, load_config
 from qdpo_ray.generate.engine import engine_settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,19 @@ def llm_config(cfg: RunConfig, name: str, model_dir: str, replicas: ReplicasConf
     )
 
 
+def ingress_deployment_options(s: ServeConfig) -> dict[str, Any]:
+    """Serve options of the ingress deployment; no runtime_env, so no secret can ride along in one."""
+    options = _autoscaling(s.ingress_replicas)
+    options["ray_actor_options"] = {"num_cpus": s.ingress_cpus}
+    return options
+
+
+def ingress_settings(s: ServeConfig) -> dict[str, Any]:
+    """The ingress' constructor settings (bound into the app, so visible in the dashboard: no secrets)."""
+    return {k: getattr(s, k) for k in ("fp_name", "w4_name", "max_prompt_chars", "max_tokens", "max_request_tokens",
+                                       "max_prompts_per_request", "compare_max_tokens")}
+
+
 def build_app(cfg: RunConfig, fp_dir: str | None = None, w4_dir: str | None = None):
     """The Serve application (not yet running)."""
     from ray import serve
@@ -73,14 +86,12 @@ def build_app(cfg: RunConfig, fp_dir: str | None = None, w4_dir: str | None = No
     if fp_dir is None or w4_dir is None:
         fp_dir, w4_dir = resolve_models(cfg)
     configs = [llm_config(cfg, s.fp_name, fp_dir, s.fp_replicas), llm_config(cfg, s.w4_name, w4_dir, s.w4_replicas)]
-    ingress_options = _autoscaling(s.ingress_replicas)
-    ingress_options["ray_actor_options"] = {"num_cpus": s.ingress_cpus}
-    key = os.environ.get(s.api_key_env)
-    if key:  # reaches the ingress replica's environment, wherever Serve places it
-        ingress_options["ray_actor_options"]["runtime_env"] = {"env_vars": {s.api_key_env: key}}
-    settings = {k: getattr(s, k) for k in ("fp_name", "w4_name", "max_prompt_chars", "max_tokens",
-                                           "compare_max_tokens")}
-    return serve.deployment(ingress_class(s.api_key_env, s.cors_origins), name="QdpoIngress",
+    ingress_options = ingress_deployment_options(s)
+    settings = ingress_settings(s)
+    # Only whether a key is set travels with the app, never the key: options, runtime_envs and bind
+    # arguments are shown by the Ray dashboard. Replicas read the key from their own process environment.
+    require_key = bool(os.environ.get(s.api_key_env))
+    return serve.deployment(ingress_class(s.api_key_env, s.cors_origins, require_key), name="QdpoIngress",
                             **ingress_options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},

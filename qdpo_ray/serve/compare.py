@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qdpo_ray.generate.pairs import first_divergence
+from qdpo_ray.text_metrics import rouge_l
 
 
 class ChatMessage(BaseModel):
@@ -63,12 +64,6 @@ def side_from_chat(resp: Any, model: str, latency_s: float) -> dict[str, Any]:
         "latency_s": latency_s,
         "tokens_per_s": n / latency_s if latency_s > 0 else None,
     }
-
-
-def rouge_l(a: str, b: str) -> float:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"]).score(a, b)["rougeL"].fmeasure
 
 
 def compare_sides(fp: dict[str, Any], w4: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,432 @@
+"""MT-Bench judge: tie rules, verdict parsing, and real HTTP calls to a scripted OpenAI-compatible server
+(position swap, reference answers, the cache, retries and failures, the API key, the report, the CLI)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+import pytest
+
+from qdpo_ray.config import ConfigError, JudgeConfig, load_config
+from qdpo_ray.evaluate import judge as J
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny real OpenAI-compatible server: POST /v1/chat/completions answered by a responder
+
+
+class FakeJudge:
+    """Answers chat completions with `responder(body, index)` → reply text, or (status, raw body bytes).
+
+    Every request (JSON body and headers) is recorded, so tests can count them and read the prompts.
+    """
+
+    def __init__(self, responder: Callable[[dict, int], Any]):
+        self.responder = responder
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with outer.lock:
+                    idx = len(outer.requests)
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    outer.requests.append({"path": self.path, "body": body, "headers": headers})
+                out = outer.responder(body, idx)
+                if isinstance(out, tuple):
+                    status, raw = out
+                else:
+                    status, raw = 200, json.dumps({
+                        "id": f"cmpl-{idx}", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": out},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def start(responder):
+        s = FakeJudge(responder)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def user_text(body: dict) -> str:
+    return next(m["content"] for m in body["messages"] if m["role"] == "user")
+
+
+def is_pair(body: dict) -> bool:
+    return "two AI assistants" in body["messages"][0]["content"]
+
+
+def section_a(text: str) -> str:
+    """The part of a pairwise prompt before assistant B's answer (A's answer, question, references)."""
+    return text.split("The Start of Assistant B", 1)[0]
+
+
+def prefer(marker: str, rating: str = "Rating: [[7]]") -> Callable[[dict, int], str]:
+    """A judge that prefers the answer containing `marker`, and rates every single answer alike."""
+    def responder(body, idx):
+        if not is_pair(body):
+            return f"Fine answer. {rating}"
+        return "Explanation… [[A]]" if marker in section_a(user_text(body)) else "Explanation… [[B]]"
+    return responder
+
+
+def cfg_for(url: str, **kw) -> JudgeConfig:
+    return JudgeConfig(**{"base_url": url, "model": "judge-x", "concurrency": 2, "max_retries": 2,
+                          "backoff_s": 0.01, "timeout_s": 10, **kw})
+
+
+@pytest.fixture(scope="module")
+def questions():
+    """One writing question (no reference) and one math question (with GPT-4 reference answers)."""
+    qs = {q["question_id"]: q for q in J.load_questions()}
+    return [qs[81], qs[111]]
+
+
+def make_answers(tag: str, qids=(81, 111)) -> dict[int, list[str]]:
+    return {q: [f"{tag} answer to turn 1 of {q}", f"{tag} answer to turn 2 of {q}"] for q in qids}
+
+
+ANSWERS = {"fp": make_answers("BASE"), "rtn": make_answers("CAND")}
+N_CALLS = 2 * 2 * 2 + 2 * 2 * 2   # pairwise: 2 questions × 2 turns × 2 orders; single: × 2 models
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_tie_rules_on_hand_made_verdicts():
+    W, L, T, E = "win", "loss", "tie", "error"
+    cases = {   # (order 1, order 2) → (paper, fastchat)
+        (W, W): (["win"], ["win"]), (L, L): (["loss"], ["loss"]),
+        (W, L): (["tie"], ["tie"]), (L, W): (["tie"], ["tie"]),      # reversed: position bias
+        (T, T): (["tie"], ["tie"]),
+        (W, T): (["win"], ["tie"]), (T, L): (["loss"], ["tie"]),     # one decisive verdict + a tie
+        (E, W): (["error"], ["error"]), (T, E): (["error"], ["error"]),
+    }
+    for (o1, o2), (paper, fastchat) in cases.items():
+        assert J.combine_orders(o1, o2, "paper") == paper, (o1, o2)
+        assert J.combine_orders(o1, o2, "fastchat") == fastchat, (o1, o2)
+        assert J.combine_orders(o1, o2, "per_order") == [o1, o2]
+    # the literal A.4 variant: a tie in one order is a tie; two ties left out (Table 1's counts)
+    assert J.combine_orders(W, T, "paper", one_tie="tie") == ["tie"]
+    assert J.combine_orders(T, T, "paper", double_tie="exclude") == ["excluded"]
+    with pytest.raises(ValueError):
+        J.combine_orders(W, W, "elo")
+
+    seq = [(W, W), (W, W), (L, L), (L, L), (L, L), (W, L), (T, T), (W, T), (T, L), (E, W)]
+    paper = J.tally_rule(seq, "paper")
+    assert (paper["win"], paper["tie"], paper["loss"], paper["total"], paper["errors"]) == (3, 2, 4, 9, 1)
+    assert paper["lose_rate"] == pytest.approx(4 / 9)
+    fc = J.tally_rule(seq, "fastchat")
+    assert (fc["win"], fc["tie"], fc["loss"], fc["total"], fc["errors"]) == (2, 4, 3, 9, 1)
+    assert fc["lose_rate"] == pytest.approx(3 / 9)
+    po = J.tally_rule(seq, "per_order")
+    assert (po["win"], po["tie"], po["loss"], po["errors"]) == (7, 4, 8, 1)
+    ex = J.tally_rule(seq, "paper", double_tie="exclude")
+    assert (ex["tie"], ex["total"], ex["excluded"]) == (1, 8, 1)
+    assert J.tally([])["lose_rate"] is None
+
+
+def test_order_outcome_maps_positions_to_the_candidate():
+    assert [J.order_outcome(v, 1) for v in ("A", "B", "tie", "error")] == ["win", "loss", "tie", "error"]
+    assert [J.order_outcome(v, 2) for v in ("A", "B", "tie", "error")] == ["loss", "win", "tie", "error"]
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("Assistant A is more accurate. [[A]]", "A"),
+    ("[[B]]", "B"),
+    ("Both are equally good.\n\nFinal verdict: [[C]]", "tie"),
+    ('Format: "[[A]]" if A is better… After comparing, B wins: [[B]]', "B"),   # the last tag counts
+    ("I prefer assistant A.", "error"),
+    ("[A]", "error"),
+    ("\x00\x01 {garbage} ]]A[[", "error"),
+    ("", "error"),
+    (None, "error"),
+])
+def test_parse_pair_verdict(text, verdict):
+    assert J.parse_pair_verdict(text) == verdict
+
+
+@pytest.mark.parametrize("text,rating", [
+    ("Good answer. Rating: [[7]]", 7.0),
+    ("Rating: [[8.5]]", 8.5),
+    ("Rating: [6]", 6.0),                      # FastChat's fallback pattern
+    ("like [[5]] in the format… Rating: [[9]]", 9.0),
+    ("Rating: [[11]]", None),                  # outside 1–10
+    ("Rating: [[0]]", None),
+    ("[[A]]", None),
+    ("no number here", None),
+    (None, None),
+])
+def test_parse_rating(text, rating):
+    assert J.parse_rating(text) == rating
+
+
+def test_prompts_and_references_follow_fastchat(questions):
+    prompts = J.load_judge_prompts()
+    writing, math = questions
+    p, msgs = J.pair_messages(prompts, writing, 1, ["aa"], ["bb"])
+    assert p.name == "pair-v2" and "Reference" not in msgs[1]["content"]
+    assert msgs[0]["role"] == "system" and "[[C]]" in msgs[0]["content"]
+    p, msgs = J.pair_messages(prompts, math, 2, ["a1", "a2"], ["b1", "b2"])
+    assert p.name == "pair-math-v1-multi-turn"
+    text = msgs[1]["content"]
+    assert math["reference"][0] in text and math["reference"][1] in text
+    assert text.index("a1") < text.index("a2") < text.index("b1") < text.index("b2")
+    p, msgs = J.single_messages(prompts, math, 1, ["x"])
+    assert p.name == "single-math-v1" and math["reference"][0] in msgs[1]["content"]
+    assert J.single_messages(prompts, writing, 2, ["x", "y"])[0].name == "single-v1-multi-turn"
+
+
+def test_answers_files(tmp_path):
+    p = J.save_answers(tmp_path / "fp.jsonl", {"81": ["a", "b"], 111: {"turns": ["c", "d"]}}, model="fp")
+    assert J.load_answers(p) == {81: ["a", "b"], 111: ["c", "d"]}
+    assert json.loads(p.read_text().splitlines()[0]) == {"question_id": 81, "turns": ["a", "b"], "model": "fp"}
+    fastchat = tmp_path / "fc.jsonl"
+    fastchat.write_text(json.dumps({"question_id": 81, "model_id": "m", "choices": [{"index": 0, "turns": ["x", "y"]}]}) + "\n")
+    assert J.load_answers(fastchat) == {81: ["x", "y"]}
+    obj = tmp_path / "a.json"
+    obj.write_text(json.dumps({"81": ["x", "y"]}))
+    assert J.load_answers(obj) == {81: ["x", "y"]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n')
+    with pytest.raises(ConfigError, match="question_id"):
+        J.load_answers(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        J.load_answers(tmp_path / "missing.jsonl")
+
+
+def test_question_filters():
+    assert [q["question_id"] for q in J.load_questions(limit=3, categories=["math"])] == [111, 112, 113]
+    assert all(q["reference"] for q in J.load_questions(categories=["coding", "reasoning"]))
+    with pytest.raises(ConfigError, match="categories"):
+        J.load_questions(categories=["poetry"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Real HTTP
+
+
+def test_position_swap_and_references_in_requests(fake, questions, tmp_path):
+    srv = fake(prefer("CAND"))
+    report = J.judge_answers(cfg_for(srv.url), ANSWERS, baseline="fp", questions=questions,
+                             cache_path=tmp_path / "c.jsonl")
+    assert srv.count == N_CALLS
+    pair_reqs = [r["body"] for r in srv.requests if is_pair(r["body"])]
+    assert len(pair_reqs) == 8
+    for qid in (81, 111):
+        for turn in (1, 2):
+            texts = [user_text(b) for b in pair_reqs if f"turn 1 of {qid}" in user_text(b)
+                     and ((f"turn 2 of {qid}" in user_text(b)) == (turn == 2))]
+            assert len(texts) == 2          # both orders
+            a_sides = sorted("CAND" in section_a(t) for t in texts)
+            assert a_sides == [False, True]  # the candidate is A once and B once
+            for t in texts:                  # …and the baseline takes the other seat
+                assert ("BASE" in section_a(t)) != ("CAND" in section_a(t))
+    math_texts = [user_text(b) for b in pair_reqs if "of 111" in user_text(b)]
+    ref1, ref2 = questions[1]["reference"]
+    assert all(ref1 in t for t in math_texts)
+    assert sum(ref2 in t for t in math_texts) == 2        # turn 2 shows both reference turns
+    assert not any("Reference" in user_text(b) for b in pair_reqs if "of 81" in user_text(b))
+    for b in (r["body"] for r in srv.requests):
+        assert (b["model"], b["temperature"], b["max_tokens"]) == ("judge-x", 0.0, 2048)
+
+    e = report["pairwise"]["rtn"]
+    for rule in ("paper", "fastchat"):   # a consistent judge: the candidate wins every game
+        assert (e[rule]["win"], e[rule]["tie"], e[rule]["loss"], e[rule]["lose_rate"]) == (4, 0, 0, 0.0)
+    assert (e["per_order"]["win"], e["per_order"]["total"]) == (8, 8)
+    assert e["position_consistency"] == 1.0
+    assert report["single"]["rtn"]["average"] == 7.0
+    assert report["single"]["fp"]["by_category"] == {"writing": 7.0, "math": 7.0}
+
+
+def test_position_biased_judge_gives_ties(fake, questions):
+    srv = fake(lambda body, idx: "[[A]]" if is_pair(body) else "[[5]]")
+    report = J.judge_answers(cfg_for(srv.url, modes=["pairwise"]), ANSWERS, questions=questions)
+    e = report["pairwise"]["rtn"]
+    assert (e["paper"]["tie"], e["fastchat"]["tie"], e["paper"]["total"]) == (4, 4, 4)
+    assert (e["per_order"]["win"], e["per_order"]["loss"]) == (4, 4)
+    assert e["position_consistency"] == 0.0
+    assert report["single"] == {}
+
+
+def test_cache_second_run_makes_no_request(fake, questions, tmp_path):
+    srv = fake(prefer("BASE"))
+    cache = tmp_path / "cache.jsonl"
+    cfg = cfg_for(srv.url)
+    r1 = J.judge_answers(cfg, ANSWERS, questions=questions, cache_path=cache)
+    assert srv.count == N_CALLS and r1["calls"]["requests"] == N_CALLS
+    assert len(cache.read_text().splitlines()) == N_CALLS
+    r2 = J.judge_answers(cfg, ANSWERS, questions=questions, cache_path=cache)
+    assert srv.count == N_CALLS                      # zero new requests
+    assert (r2["calls"]["requests"], r2["calls"]["cached"]) == (0, N_CALLS)
+    assert r2["pairwise"] == r1["pairwise"] and r2["single"] == r1["single"]
+    assert r1["pairwise"]["rtn"]["paper"]["lose_rate"] == 1.0
+
+    # a changed turn-1 answer re-asks only what shows it: pairwise turns 1 and 2 (both orders), single turns 1-2
+    changed = {"fp": ANSWERS["fp"], "rtn": {**ANSWERS["rtn"], 81: ["CAND new", ANSWERS["rtn"][81][1]]}}
+    J.judge_answers(cfg, changed, questions=questions, cache_path=cache)
+    assert srv.count == N_CALLS + 6
+    # another judge model or a torn last line (a crash mid-write) is handled too
+    with open(cache, "a") as f:
+        f.write('{"key": "trunc')
+    r4 = J.judge_answers(cfg_for(srv.url, modes=["single"], turns=[1]), ANSWERS, questions=questions,
+                         cache_path=cache)
+    assert r4["calls"]["cache_bad_lines"] == 1 and r4["calls"]["requests"] == 0
+    J.judge_answers(cfg_for(srv.url, modes=["single"], turns=[1]).model_copy(update={"model": "judge-y"}),
+                    ANSWERS, questions=questions, cache_path=cache)
+    assert srv.count == N_CALLS + 6 + 4
+    assert all(json.loads(line) for line in cache.read_text().splitlines()[-4:])
+
+
+def test_failing_judge_is_retried_recorded_and_not_fatal(fake, questions, tmp_path):
+    """Question 81 always gets 500; every first attempt on question 111 fails once; the run finishes."""
+    seen: set[str] = set()
+    lock = threading.Lock()
+    broken = {"on": True}
+
+    def responder(body, idx):
+        text = user_text(body)
+        if "of 81" in text and broken["on"]:
+            return 500, b'{"error": {"message": "judge overloaded"}}'
+        with lock:
+            first = text not in seen
+            seen.add(text)
+        if first:
+            return 500, b'{"error": {"message": "transient"}}'
+        return prefer("CAND")(body, idx)
+
+    srv = fake(responder)
+    cache = tmp_path / "cache.jsonl"
+    cfg = cfg_for(srv.url)
+    report = J.judge_answers(cfg, ANSWERS, questions=questions, cache_path=cache)
+    per_q = N_CALLS // 2
+    assert report["errors"]["api_errors"] == per_q                      # every call on question 81
+    assert report["calls"]["retries"] == per_q * 2 + per_q              # 81: 2 retries each; 111: 1 each
+    assert srv.count == per_q * 3 + per_q * 2
+    e = report["pairwise"]["rtn"]
+    assert (e["paper"]["win"], e["paper"]["errors"], e["api_errors"]) == (2, 2, 4)
+    assert report["single"]["fp"]["by_category"] == {"writing": None, "math": 7.0}
+    recs = [json.loads(line) for line in cache.read_text().splitlines()]
+    errs = [r for r in recs if r["status"] == "api_error"]
+    assert len(errs) == per_q and all("overloaded" in r["error"] and r["attempts"] == 3 for r in errs)
+    assert J.judge_markdown(report).count("failed after retries") == 1
+
+    broken["on"] = False        # the endpoint recovers: a re-run asks only for the failed items
+    before = srv.count
+    report2 = J.judge_answers(cfg, ANSWERS, questions=questions, cache_path=cache)
+    assert report2["errors"]["api_errors"] == 0 and report2["calls"]["cached"] == per_q
+    assert srv.count - before == per_q * 2                              # each: one transient 500, one answer
+    assert report2["pairwise"]["rtn"]["paper"]["win"] == 4
+
+
+def test_garbage_replies_are_counted_not_fatal(fake, questions):
+    def responder(body, idx):
+        text = user_text(body)
+        if "of 81" in text:
+            return "I cannot decide, both are fine."       # a reply without a verdict
+        if "turn 2 of 111" in text:
+            return 200, b"<html>not json</html>"            # a broken endpoint
+        return prefer("CAND")(body, idx)
+
+    srv = fake(responder)
+    report = J.judge_answers(cfg_for(srv.url, max_retries=1), ANSWERS, questions=questions)
+    assert report["errors"]["unparsed"] == 8                           # all calls on question 81
+    assert report["errors"]["api_errors"] == 4                         # turn 2 of 111: pair ×2, single ×2
+    e = report["pairwise"]["rtn"]
+    assert (e["unparsed"], e["api_errors"], e["paper"]["win"], e["paper"]["errors"]) == (4, 2, 1, 3)
+    assert report["single"]["rtn"]["rated"] == 1
+
+
+def test_api_key_comes_from_env_and_is_never_written(fake, questions, tmp_path, monkeypatch):
+    secret = "sk-test-3f9a7c1e5b"
+    monkeypatch.setenv("QDPO_JUDGE_TEST_KEY", secret)
+    srv = fake(prefer("CAND"))
+    cfg = cfg_for(srv.url, api_key_env="QDPO_JUDGE_TEST_KEY", modes=["single"], turns=[1])
+    report = J.judge_answers(cfg, ANSWERS, questions=questions, cache_path=tmp_path / "c.jsonl")
+    assert {r["headers"].get("authorization") for r in srv.requests} == {f"Bearer {secret}"}
+    J.write_judge_report(report, tmp_path / "out")
+    for p in [tmp_path / "c.jsonl", *(tmp_path / "out").iterdir()]:
+        assert secret.encode() not in p.read_bytes(), p
+    monkeypatch.delenv("QDPO_JUDGE_TEST_KEY")
+    J.judge_answers(cfg, ANSWERS, questions=questions)
+    assert srv.requests[-1]["headers"].get("authorization") == "Bearer EMPTY"
+
+
+def test_report_files(fake, questions, tmp_path):
+    srv = fake(prefer("BASE"))
+    answers = {**ANSWERS, "qdpo": make_answers("CAND")}
+    report = J.judge_answers(cfg_for(srv.url), answers, questions=questions)
+    assert set(report["pairwise"]) == {"rtn", "qdpo"} and set(report["single"]) == {"fp", "rtn", "qdpo"}
+    paths = J.write_judge_report(report, tmp_path / "rep")
+    assert json.loads(paths["json"].read_text())["pairwise"]["qdpo"]["paper"]["loss"] == 4
+    md = paths["md"].read_text()
+    assert "| rtn | paper (A.4, Table 1) | 0 | 0 | 4 | 1.00 |" in md
+    assert "| math | 7.00 | 7.00 | 7.00 |" in md and "**average**" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="baseline"):
+        J.judge_answers(cfg_for(srv.url), {"rtn": ANSWERS["rtn"]}, questions=questions)
+
+
+def test_cli_judge_command(fake, tmp_path, capsys):
+    from qdpo_ray.cli import main
+
+    srv = fake(prefer("CAND"))
+    for label, tag in (("fp", "BASE"), ("rtn", "CAND")):
+        J.save_answers(tmp_path / f"{label}.jsonl", make_answers(tag, qids=(111,)))
+    rc = main(["judge", "--config", "configs/evaluate_judge.yaml", "--out", str(tmp_path / "out"),
+               f"--evaluate.judge.base_url={srv.url}", "--evaluate.judge.categories=[math]",
+               "--evaluate.judge.questions_limit=1", "--evaluate.judge.backoff_s=0",
+               f"--evaluate.judge.answers.fp={tmp_path / 'fp.jsonl'}",
+               f"--evaluate.judge.answers.rtn={tmp_path / 'rtn.jsonl'}"])
+    assert rc == 0, capsys.readouterr()
+    assert srv.count == 2 * 2 + 2 * 2
+    assert {"judge.json", "judge.md", "judge.png", "judge_cache.jsonl"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert "lose-rate" in capsys.readouterr().out
+    assert main(["judge", "--out", str(tmp_path / "o2")]) == 2      # no answers configured: a clear error
+
+
+def test_judge_config_section():
+    cfg = load_config("configs/evaluate_judge.yaml")
+    assert isinstance(cfg.evaluate.judge, JudgeConfig) and cfg.evaluate.judge.temperature == 0.0
+    assert load_config(None).evaluate.judge is None
+    with pytest.raises(ConfigError, match=r"evaluate\.judge\.concurrency"):
+        load_config(None, ["--evaluate.judge.concurrency=0"])
+    with pytest.raises(ConfigError, match=r"evaluate\.judge\.turns"):
+        load_config(None, ["--evaluate.judge.turns=[3]"])
