@@ -1,6 +1,10 @@
 """Prompt sources: the project's sets, MT-Bench, JSONL/JSON/Parquet, HH conversations, clear errors."""
 
+import importlib.util
 import json
+import re
+from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +20,61 @@ def test_builtin_sets_are_disjoint_and_sized():
     assert len(train) >= 300 and len(ev) >= 50
     assert not {p.lower() for p in train.prompts} & {p.lower() for p in ev.prompts}
     assert len({r["category"] for r in ev.rows}) >= 5
+
+
+def _words(text):
+    return re.findall(r"\w+", text.lower())
+
+
+def _ngrams(text, n=8):
+    w = _words(text)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def _raw(name):
+    path = Path(__file__).resolve().parent.parent / "qdpo_ray" / "prompts" / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_builtin_train_is_large_unique_and_disjoint_from_eval():
+    train = load_prompts(PromptsConfig(source="builtin:train"))
+    ev = load_prompts(PromptsConfig(source="builtin:eval"))
+    assert len(train) >= 2000
+    raw = _raw("train")
+    assert len(raw) == len(train)  # nothing empty or skipped
+    assert len({r["id"] for r in raw}) == len(raw)
+    norm = lambda p: " ".join(p.lower().split())  # noqa: E731
+    assert len({norm(p) for p in train.prompts}) == len(train)  # no duplicate prompts either
+    assert not {norm(p) for p in train.prompts} & {norm(p) for p in ev.prompts}
+    eval_grams = set().union(*(_ngrams(p) for p in ev.prompts))
+    shared = [(p, g) for p in train.prompts for g in _ngrams(p) if g in eval_grams]
+    assert not shared, shared[:3]
+
+
+def test_builtin_train_keeps_handwritten_rows_first_and_covers_the_eval_kinds():
+    raw = _raw("train")
+    assert [r["id"] for r in raw[:400]] == [f"train-{i:04d}" for i in range(1, 401)]
+    assert {r["kind"] for r in raw[:400]} == {"handwritten"}
+    kinds = Counter(r["kind"] for r in raw)
+    for kind in ("explanation", "list", "advice", "instruction", "rewrite", "math-word-problem", "code", "follow-up",
+                 "creative", "roleplay", "reasoning", "extraction", "summarization"):
+        assert kinds[kind] >= 100, kinds
+    eval_cats = {r["category"] for r in _raw("eval")}
+    cats = Counter(r["category"] for r in raw)
+    assert set(cats) == eval_cats and min(cats.values()) >= 100, cats
+    # short enough for the default max_prompt_len; the composed rows all under 400 characters
+    assert max(len(r["prompt"]) for r in raw[400:]) < 400
+    # a prefix mixes kinds (the composed rows are shuffled), so `prompts.limit` still samples all of them
+    assert len({r["kind"] for r in raw[400:700]}) == len(kinds) - 1
+
+
+def test_train_prompts_script_reproduces_the_file():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_train_prompts.py"
+    spec = importlib.util.spec_from_file_location("make_train_prompts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.dumps(mod.build()) == mod.TRAIN.read_text(encoding="utf-8"), \
+        "qdpo_ray/prompts/train.jsonl is stale: run python scripts/make_train_prompts.py"
 
 
 def test_mtbench_first_turns():

@@ -58,11 +58,15 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     wg = _grouped(w.detach(), spec)
     w_min = wg.amin(dim=-1).clamp(max=0)
     w_max = wg.amax(dim=-1).clamp(min=0)
+    # Divide by a tensor, not a Python number: CUDA turns `x / c` into `x * (1 / c)`, one ulp off the
+    # CPU's correctly rounded quotient, and a scale one ulp apart flips codes at rounding ties (measured:
+    # 4 of 16.8 M codes of a 4096² g128 weight; scripts/gpu_check.py). Then a GPU-trained π_θ and the
+    # checkpoint exported on a CPU would not hold the same integers.
     if spec.symmetric:
-        scale = torch.maximum(w_min.abs(), w_max) / spec.q_max
+        scale = torch.maximum(w_min.abs(), w_max) / torch.full_like(w_max, spec.q_max)
         zero = torch.zeros_like(scale)
     else:
-        scale = (w_max - w_min) / (spec.q_max - spec.q_min)
+        scale = (w_max - w_min) / torch.full_like(w_max, spec.q_max - spec.q_min)
         # An all-zero row has scale 0; any positive scale represents it exactly.
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(spec.q_min - w_min / scale).clamp(spec.q_min, spec.q_max)

@@ -199,7 +199,8 @@ def chunked_response_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 
 
 def sft_nll(chosen_logps: torch.Tensor, chosen_len: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
-    """RPO's NLL term (Pang et al. 2024; TRL `rpo_alpha`): mean negative log-likelihood per chosen token.
+    """RPO's NLL term (Pang et al. 2024; TRL `rpo_alpha`, in TRL 1.x `loss_type=[..., "sft"]`): mean negative
+    log-likelihood per chosen token.
 
     chosen_logps [B]: summed log π_θ(y_w|x) of each chosen response (prompt and padding masked, as
     `sequence_logps` / `response_logps` give them); chosen_len [B]: its number of response tokens.
