@@ -206,3 +206,12 @@ def test_serve_app_never_puts_the_key_into_ray_config(monkeypatch):
     app = build_app(cfg, "/models/fp", "/models/w4")  # built only, nothing deployed or loaded
     assert secret.encode() not in cloudpickle.dumps(app)
     assert "runtime_env" not in app._bound_deployment.ray_actor_options
+
+
+def test_images_and_cluster_nodes_pin_w4a16_engines():
+    """Hand-started engines (`vllm serve` on a node) get the W4A16 kernel too, not only ours."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert "VLLM_CPU_INT4_W4A8=0" in (root / "deploy" / "Dockerfile").read_text()
+    assert "VLLM_CPU_INT4_W4A8=0" in (root / "cluster.yaml").read_text()
