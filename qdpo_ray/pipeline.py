@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from qdpo_ray.console import watch_progress
 from qdpo_ray.config import ConfigError, PipelineConfig, PromptsConfig, RunConfig, TrainConfig
 
 # Bump when a stage's outputs change meaning for the same config (invalidates every marker).
@@ -143,9 +144,9 @@ def _run_pairs(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
 
 
 def _run_train(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
-    from qdpo_ray.train.trainer import run_train
+    from qdpo_ray.train.rounds import run_rounds
 
-    s = run_train(st.cfg)
+    s = run_rounds(st.cfg)
     if not s.get("export"):
         raise RuntimeError(f"training finished without a W4 export in {st.out}; see {st.out}/summary.json")
     return {"steps": s["steps"], "export": s["export"], "final_loss": (s["final"] or {}).get("loss")}
@@ -159,7 +160,8 @@ def _run_evaluate(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
     if not export:
         raise RuntimeError(f"no trained export in {stage_dir(run_dir, 'train')}/summary.json; run the train stage")
     label = Path(export).name.split("-", 1)[-1]  # w4-qdpo → qdpo, w4-qdpo-lora → qdpo-lora
-    models = {"rtn": str(stage_dir(run_dir, "quantize")), label: export,
+    earlier = {f"{label}-r{r['round']}": r["export"] for r in trained_rounds(run_dir)[:-1]}
+    models = {"rtn": str(stage_dir(run_dir, "quantize")), **earlier, label: export,
               **{k: v for k, v in st.cfg.evaluate.models.items() if k not in ("rtn", label)}}
     cfg = st.cfg.model_copy(update={"evaluate": st.cfg.evaluate.model_copy(update={"models": models})})
     r = run_evaluate(cfg)
@@ -357,6 +359,13 @@ def trained_export(run_dir: Path) -> str | None:
     return s.get("export") if isinstance(s, dict) else None
 
 
+def trained_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """Every on-policy round of the train stage (one entry for a single round)."""
+    s = _load_json(stage_dir(run_dir, "train") / "summary.json",
+                   "re-run the train stage (delete .stage-train.json) to write it again")
+    return s.get("rounds", []) if isinstance(s, dict) else []
+
+
 def serve_command(cfg: RunConfig, run_dir: Path) -> str | None:
     export = trained_export(run_dir)
     return f"qdpo-ray serve --fp {cfg.model.name} --w4 {export}" if export else None
@@ -417,7 +426,8 @@ def execute(stages: list[Stage], echo: Callable[[str], None] | None = None) -> l
                 shutil.rmtree(st.out)
         t0 = time.time()
         try:
-            outputs = RUNNERS[st.name](st, done)
+            with watch_progress(st.out, echo, f"[pipeline] {st.name}: "):
+                outputs = RUNNERS[st.name](st, done)
         except BaseException:
             echo(f"[pipeline] {st.name}: failed after {time.time() - t0:.0f} s; re-run the same command to "
                  "continue from here")

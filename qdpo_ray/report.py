@@ -78,9 +78,11 @@ def markdown(res: dict[str, Any], figures: list[str]) -> str:
           "Every number below is read from the stage outputs of this run directory (`../`); "
           "`results.json` holds them all.", ""]
     if "evaluate" in res:
-        from qdpo_ray.evaluate.compare import results_table
+        from qdpo_ray.evaluate.compare import gap_sentence, results_table
 
         L += ["## Held-out comparison (fp vs RTN vs trained)", "", results_table(res["evaluate"]).rstrip(), ""]
+        if gap_sentence(res["evaluate"]):
+            L += [gap_sentence(res["evaluate"]), ""]
         L += ["flip rate: share of the fp greedy answer's tokens where the model's argmax differs (teacher "
               "forced); ROUGE-L and exact match: the model's own greedy answer against the fp answer; "
               "perplexity: on held-out reference texts. All models in fp32 through transformers.", ""]

@@ -139,3 +139,32 @@ def test_embedded_model_step0_rewards_are_zero(tmp_path, ray_local, embedded_mod
                    "train.max_steps=1", "train.export=false"))
     h = _metrics(tmp_path / "o")[0]
     assert abs(h["rewards/chosen"]) < 1e-4 and abs(h["rewards/rejected"]) < 1e-4
+
+
+def test_next_round_starts_from_trained_weights_with_them_as_reference(tmp_path, ray_local, tiny_model_dir, pairs16):
+    """An on-policy round (train.rounds): π_θ and the reference both start at the previous round's
+    result, so step-0 rewards are 0 again — against a reference that is no longer π_q."""
+    import pyarrow.parquet as pq
+
+    from qdpo_ray.train.rounds import final_weights
+    from qdpo_ray.train.trainer import run_train
+
+    extra = ("train.num_workers=1", "train.max_steps=4", "train.checkpoint_every=4")
+    r1 = run_train(_cfg(tmp_path / "r1", tiny_model_dir, pairs16, *extra))
+    r2 = run_train(_cfg(tmp_path / "r2", tiny_model_dir, pairs16, *extra), init_weights=final_weights(r1))
+    first = _metrics(tmp_path / "r2")[0]
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    ref1 = pq.read_table(tmp_path / "r1" / "reference.parquet").column("ref_rejected_logps").to_pylist()
+    ref2 = pq.read_table(tmp_path / "r2" / "reference.parquet").column("ref_rejected_logps").to_pylist()
+    assert max(abs(a - b) for a, b in zip(ref1, ref2)) > 0.1  # round 1 moved the rejected answers' log-probs
+    assert r2["run_name"] != r1["run_name"]
+
+
+def test_new_pairs_at_the_same_path_start_a_new_run(tmp_path, ray_local, tiny_model_dir):
+    """The Ray Train run name hashes the pairs' content, so different pairs never resume old checkpoints."""
+    from qdpo_ray.train.trainer import run_train
+
+    extra = ("train.num_workers=1", "train.max_steps=2", "train.export=false")
+    a = run_train(_cfg(tmp_path / "o", tiny_model_dir, synthetic_pairs(tmp_path / "p", n=8, seed=0), *extra))
+    b = run_train(_cfg(tmp_path / "o", tiny_model_dir, synthetic_pairs(tmp_path / "p", n=8, seed=1), *extra))
+    assert a["run_name"] != b["run_name"] and b["steps"] == 2

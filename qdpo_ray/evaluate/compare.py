@@ -110,6 +110,37 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     return report
 
 
+def gap_closed(report: dict[str, Any], label: str, baseline: str = "rtn") -> dict[str, float] | None:
+    """Share of the baseline→fp gap that `label` closed, per metric (1 = as good as fp, < 0 = worse
+    than the baseline): flip rate and ROUGE-L, whose fp values are 0 and 1 by definition."""
+    m = report["models"]
+    if label not in m or baseline not in m:
+        return None
+    b, x = m[baseline], m[label]
+    out = {}
+    if b["flip_rate"] > 0:
+        out["flip_rate"] = (b["flip_rate"] - x["flip_rate"]) / b["flip_rate"]
+    if b["rouge_l"] < 1:
+        out["rouge_l"] = (x["rouge_l"] - b["rouge_l"]) / (1 - b["rouge_l"])
+    return out
+
+
+def gap_sentence(report: dict[str, Any], baseline: str = "rtn") -> str:
+    """One sentence per trained model: how much of the RTN→fp gap it closed on the held-out prompts."""
+    parts = []
+    for label in report["models"]:
+        if label in ("fp", baseline):
+            continue
+        g = gap_closed(report, label, baseline)
+        if g and "flip_rate" in g and "rouge_l" in g:
+            r = report["models"][label]
+            parts.append(f"**{label}** closed {g['flip_rate']:.0%} of the {baseline.upper()}→fp gap in flip rate "
+                         f"({report['models'][baseline]['flip_rate']:.1%} → {r['flip_rate']:.1%}) and "
+                         f"{g['rouge_l']:.0%} of it in ROUGE-L to fp "
+                         f"({report['models'][baseline]['rouge_l']:.3f} → {r['rouge_l']:.3f}).")
+    return " ".join(parts)
+
+
 def results_table(report: dict[str, Any]) -> str:
     lines = [f"Held-out prompts: `{report['prompts']}` ({report['n_prompts']}), greedy {report['max_new_tokens']} tokens; "
              f"perplexity on {report['perplexity_texts']}.", "",

@@ -132,7 +132,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
         # the pairs travel through the object store, not a Ray Data split: every (re)started worker
         # derives its own deterministic shard from the same rows (worker.shard_rows)
         train_loop_config={"cfg": cfg_json, "pad_id": tok.pad_token_id or 0, "rows": ray.put(rows),
-                           "init_weights": init_ref},
+                           "init_weights": init_ref, "progress_dir": str(out)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(name=run_name, storage_path=str(out / "ray"),

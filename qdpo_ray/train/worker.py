@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from qdpo_ray.config import RunConfig
+from qdpo_ray.console import write_progress
 from qdpo_ray.train.distributed import reduce_step_metrics
 from qdpo_ray.train.steps import METRICS, OBJECTIVES
 
@@ -202,6 +203,10 @@ def train_loop(config: dict[str, Any]) -> None:
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "tokens_per_s": sums[-1] / max(1e-9, time.time() - t0), "peak_mem_gb": _peak_mem_gb()})
         history.append(metrics)
+        if rank == 0 and config.get("progress_dir"):
+            write_progress(Path(config["progress_dir"]),
+                           f"step {step}/{total}  loss {metrics['loss']:.4f}  margin {metrics['rewards/margins']:+.3f}"
+                           f"  {metrics['tokens_per_s']:.0f} tok/s")
         last = step == total
         if step % t.checkpoint_every == 0 or last:
             _report_with_checkpoint(engine, cfg, metrics, history, step, rank, final=last)

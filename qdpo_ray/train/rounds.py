@@ -1,0 +1,56 @@
+"""On-policy rounds: after a round, π_θ's own W4 answers become the next round's rejected answers.
+
+    round 1: pairs (y_w = fp, y_l = π_q)          → train from the fp weights, reference π_q
+    round r: pairs (y_w = fp, y_l = π_θ^(r-1) W4)  → train from π_θ^(r-1)'s weights, reference π_θ^(r-1)
+
+Round 1 is `run_train` on `train.pairs`, written to `out` as a single run would be. Round r ≥ 2
+regenerates pairs with the `prompts` and `pairs` sections (the quantized engine loads round r-1's
+export; anchored pairs find their flips on it too) into `out/round-r/pairs`, and trains into
+`out/round-r`, starting from round r-1's master weights with round r-1's fake-quant model as the
+reference — so its step-0 rewards are 0 again. Every round is resumable as its stages are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qdpo_ray.config import RunConfig
+
+
+def _derive(cfg: RunConfig, **updates: dict | str) -> RunConfig:
+    data = cfg.model_dump(mode="json")
+    for k, v in updates.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) else v
+    return RunConfig.model_validate(data)
+
+
+def final_weights(summary: dict[str, Any]):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(summary["checkpoint"]) / "policy.safetensors"))
+
+
+def run_rounds(cfg: RunConfig) -> dict[str, Any]:
+    """`train.rounds` rounds; returns the last round's summary with every round's in `rounds`."""
+    from qdpo_ray.generate.pairs import run_pairs
+    from qdpo_ray.io import atomic_write_json
+    from qdpo_ray.train.trainer import run_train
+
+    out = Path(cfg.out)
+    summary = run_train(cfg)
+    rounds = [{"round": 1, "out": str(out), "export": summary.get("export"), "final": summary["final"],
+               "codes_moved": summary.get("codes_moved")}]
+    for r in range(2, cfg.train.rounds + 1):
+        if not summary.get("export"):
+            raise RuntimeError("train.rounds > 1 regenerates pairs with the previous round's W4 export; "
+                               "set train.export=true")
+        rdir = out / f"round-{r}"
+        pairs = run_pairs(_derive(cfg, out=str(rdir / "pairs"), pairs={"w4_dir": summary["export"], "overwrite": True}))
+        summary = run_train(_derive(cfg, out=str(rdir), train={"pairs": str(rdir / "pairs")}),
+                            init_weights=final_weights(summary))
+        rounds.append({"round": r, "out": str(rdir), "export": summary.get("export"), "final": summary["final"],
+                       "codes_moved": summary.get("codes_moved"), "pairs_kept": pairs["pairs_kept"]})
+    summary = {**summary, "rounds": rounds}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
