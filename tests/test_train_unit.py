@@ -252,3 +252,34 @@ def test_shards_are_deterministic_disjoint_and_equal_sized():
     assert a == [shard_rows(shuffled, r, 2) for r in range(2)]  # arrival order does not matter
     assert [len(s) for s in a] == [5, 5]  # same step count on every rank
     assert not {r["id"] for r in a[0]} & {r["id"] for r in a[1]}
+
+
+def test_packed_batches_refuse_attention_other_than_sdpa(tiny_llama):
+    """The prompt-shared 4D boolean mask is only "True = attend" under SDPA: eager must be refused."""
+    from qdpo_ray.train.batch import collate_shared
+    from qdpo_ray.train.logps import add_response_logps, response_logps
+
+    tiny_llama.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        response_logps(add_response_logps(tiny_llama), collate_shared(_rows(2)))
+
+
+def test_reference_cache_key_covers_precision_revision_and_start():
+    from qdpo_ray.config import load_config
+    from qdpo_ray.train.trainer import reference_key
+
+    base = load_config(None, [])
+    k = reference_key(base, "pairs")
+    assert k != reference_key(load_config(None, ["train.precision=bf16"]), "pairs")
+    assert k != reference_key(load_config(None, ["model.revision=v2"]), "pairs")
+    assert k != reference_key(base, "other pairs") and k != reference_key(base, "pairs", "round-2 weights")
+    assert k == reference_key(load_config(None, ["train.lr=1e-6"]), "pairs")  # the optimizer is not the reference
+
+
+def test_unexportable_bits_are_refused_before_training():
+    from qdpo_ray.config import ConfigError, load_config
+    from qdpo_ray.train.trainer import check
+
+    with pytest.raises(ConfigError, match=r"quant.bits=3: train.export=true writes .*set train.export=false"):
+        check(load_config(None, ["quant.bits=3"]))
+    check(load_config(None, ["quant.bits=3", "train.export=false"]))
