@@ -1,6 +1,7 @@
 """Pair-generation throughput: vLLM engines vs batched HF `generate`, and the Ray pipeline with 1 vs 2 actors.
 
-    python benchmarks/bench_pairs.py [--prompts 64] [--tokens 64] [--hf-batch 16] [--skip-pipeline]
+    python benchmarks/bench_pairs.py [--prompts 64] [--tokens 64] [--hf-batch 16] [--skip-hf] [--skip-pipeline]
+                                     [--anchored-lens 4,16] [--anchors 4]
 
 Prints, measured side by side in one run on this machine:
   * generated tokens/s of HF transformers `generate` (batched, greedy, fp32 — the exact reference path)
@@ -9,7 +10,15 @@ Prints, measured side by side in one run on this machine:
     engine start-up excluded and reported separately;
   * the ratio vLLM / HF for each model;
   * end-to-end rows/s of `generate-pairs` (Ray Data + both engine pools, start-up included) with 1 and 2
-    actors per model.
+    actors per model;
+  * anchored vs natural `generate-pairs` on the same prompts and W4 export (1 actor per pool, fidelity
+    check off): generated tokens/s of each (tokens the engines sampled — natural: chosen + rejected;
+    anchored: each fp answer y once + the L-token rejected continuations — over the generation wall time,
+    engine start-up included; both run two engine pools) and the ratio anchored / natural,
+    for each L in --anchored-lens (empty: skip). Natural runs first and again last; the ratio is taken
+    against the mean of the two (on a shared machine the load drifts). vLLM's CPU W4A16 kernel exists only
+    in its AVX-512 build: on an AVX2-only CPU these runs give the π_q engines the de-quantized W4 weights
+    as a dense checkpoint (same π_q, dense fp16 matmuls) and say so in the output (`pi_q_engine`).
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="skip the HF vs vLLM engine comparison")
+    ap.add_argument("--anchored-lens", default="4,16", help="continuation lengths L of anchored runs ('' = skip)")
+    ap.add_argument("--anchors", type=int, default=4, help="pairs.anchors_per_prompt of anchored runs")
     a = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -50,7 +62,7 @@ def main() -> None:
     w4 = export_packed(load_model(mcfg), tok, QuantConfig(bits=4), work / "w4", storage_dtype=checkpoint_dtype(mcfg))
     res: dict = {"prompts": len(ids), "max_new_tokens": a.tokens, "threads": torch.get_num_threads()}
 
-    for label, path in (("fp", resolve_model_path(a.model)), ("w4", str(w4))):
+    for label, path in () if a.skip_hf else (("fp", resolve_model_path(a.model)), ("w4", str(w4))):
         m = load_model(path, dtype="float32")
         t = time.time()
         out = greedy_generate(m, tok, ids, a.tokens, a.hf_batch)
@@ -85,9 +97,52 @@ def main() -> None:
         res["pipeline_rows_per_s_ratio_2_over_1"] = (res["pipeline_2_actor"]["rows_per_s"]
                                                      / res["pipeline_1_actor"]["rows_per_s"])
 
+    lens = [int(x) for x in a.anchored_lens.split(",") if x.strip()]
+    if lens:
+        import ray
+
+        from qdpo_ray.generate.pairs import run_pairs
+
+        from qdpo_ray.generate import pairs as pairs_mod
+
+        w4_over = [f"pairs.w4_dir={w4}"]
+        res["pi_q_engine"] = "packed W4A16 export (WNA16 kernel)"
+        if not torch.cpu._is_avx512_supported():  # no cpu_gemm_wna16 in vLLM's AVX2 build
+            from qdpo_ray.quant.fake_quant import quantize_model_rtn
+
+            dense = work / "w4-dense"
+            quantize_model_rtn(load_model(mcfg, dtype="float32"), QuantConfig(bits=4)).save_pretrained(dense)
+            tok.save_pretrained(dense)
+            pairs_mod._ensure_w4 = lambda cfg, out: str(dense)
+            w4_over = []
+            res["pi_q_engine"] = "de-quantized W4 weights as a dense checkpoint (AVX2 CPU: vLLM has no W4A16 kernel)"
+        runs = ([("natural", [])]
+                + [(f"anchored_L{n}", ["pairs.mode=anchored", f"pairs.continuation_len={n}",
+                                       f"pairs.anchors_per_prompt={a.anchors}"]) for n in lens]
+                + [("natural_again", [])])
+        for label, extra in runs:
+            ray.init(num_cpus=10, include_dashboard=False)
+            cfg = load_config(None, [f"out={work}/{label}", f"model.name={a.model}", "prompts.source=builtin:train",
+                                     f"prompts.limit={a.prompts}", f"pairs.max_new_tokens={a.tokens}", *w4_over,
+                                     f"pairs.engine.dtype={a.dtype}", "pairs.engine.batch_size=8",
+                                     "pairs.fidelity_sample=0", *extra])
+            s = run_pairs(cfg)
+            ray.shutdown()
+            res[label] = {k: s.get(k) for k in ("tokens_per_s", "generated_tokens", "generation_wall_s", "pairs_generated",
+                                                "pairs_kept", "removed", "anchors_per_prompt_mean",
+                                                "flips_per_answer_mean", "flip_rate", "mean_rejected_len")}
+            print(label, json.dumps(res[label]), flush=True)
+        natural = (res["natural"]["tokens_per_s"] + res["natural_again"]["tokens_per_s"]) / 2
+        for n in lens:
+            res[f"anchored_L{n}"]["ratio_tokens_per_s_over_natural"] = res[f"anchored_L{n}"]["tokens_per_s"] / natural
+
     print("\nRESULT", json.dumps(res, indent=2))
-    print(f"\nvLLM / HF generated tokens/s: fp {res['fp']['ratio_vllm_over_hf']:.2f}x, "
-          f"W4 {res['w4']['ratio_vllm_over_hf']:.2f}x")
+    if not a.skip_hf:
+        print(f"\nvLLM / HF generated tokens/s: fp {res['fp']['ratio_vllm_over_hf']:.2f}x, "
+              f"W4 {res['w4']['ratio_vllm_over_hf']:.2f}x")
+    for n in lens:
+        print(f"anchored (L={n}) / natural generated tokens/s: "
+              f"{res[f'anchored_L{n}']['ratio_tokens_per_s_over_natural']:.2f}x")
 
 
 if __name__ == "__main__":

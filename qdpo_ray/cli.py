@@ -44,6 +44,9 @@ _SHORT: dict[str, tuple[str, dict]] = {
     "--port": ("serve.port", {"type": int, "help": "HTTP port (default 8000)"}),
     "--dry-run": ("pipeline.dry_run", {"action": "store_const", "const": True,
                                        "help": "print the stage plan (run / skip / resume, and why) and exit"}),
+    "--verbose": ("pipeline.verbose", {"action": "store_const", "const": True,
+                                       "help": "print every log line (Ray, vLLM, DeepSpeed) instead of only "
+                                               "one line per stage and step"}),
 }
 
 # A short flag that means another field in one stage (`serve --w4` is the checkpoint to serve).
@@ -67,7 +70,7 @@ _STAGE_FLAGS = {
     "train": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--pairs", "--objective", "--lr",
               "--max-steps", "--workers", "--lora", "--seed"],
     "pipeline": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--answer-tokens", "--actors",
-                 "--objective", "--lr", "--max-steps", "--workers", "--lora", "--seed", "--dry-run"],
+                 "--objective", "--lr", "--max-steps", "--workers", "--lora", "--seed", "--dry-run", "--verbose"],
     "serve": ["--fp", "--w4", "--bits", "--group-size", "--symmetric", "--host", "--port", "--out", "--seed"],
 }
 
@@ -142,7 +145,12 @@ def _cmd_pipeline(cfg: RunConfig) -> int:
     if cfg.pipeline.dry_run:
         print(format_plan(plan(cfg)))
         return 0
-    r = run_pipeline(cfg)
+    from pathlib import Path
+
+    from qdpo_ray.console import quiet_console
+
+    with quiet_console(Path(cfg.out).resolve() / "logs" / "pipeline.log", enabled=not cfg.pipeline.verbose) as echo:
+        r = run_pipeline(cfg, echo)
     print(f"pipeline finished in {r['wall_s']:.0f} s: " + ", ".join(f"{s['stage']} {s['status']}" for s in r["stages"]))
     if r["report"]:
         print(f"report: {r['report']}/README.md")
@@ -181,6 +189,28 @@ def _cmd_judge(cfg: RunConfig) -> int:
 _COMMANDS["judge"] = (_cmd_judge, "MT-Bench LLM judge of answers files on an OpenAI-compatible endpoint: "
                       "pairwise vs the baseline (both orders) and 1-10 grading")
 _STAGE_FLAGS["judge"] = ["--out"]
+
+
+def _cmd_breakdown(cfg: RunConfig) -> int:
+    from qdpo_ray.evaluate.breakdown import breakdown_table, run_breakdown
+
+    r = run_breakdown(cfg)
+    print(breakdown_table(r))
+    print(f"wrote {cfg.out}/README.md, results.json and per model samples.jsonl, scores.parquet, "
+          "breakdown.png, sorted.png")
+    return 0
+
+
+_COMMANDS["breakdown"] = (_cmd_breakdown, "breakdown analysis (paper Fig. 2): flipped token x KV cache x "
+                          "continuing model, 8 cases scored with ROUGE against the fp answer")
+_STAGE_SHORT["breakdown"] = {
+    "--max-new-tokens": ("breakdown.max_new_tokens", {"type": int, "help": "tokens searched for the first "
+                                                      "divergence and continued from it (default 64)"}),
+    "--checkpoint": ("breakdown.checkpoints", {"action": "append", "help": "quantized checkpoint dir "
+                                               "analysed too (repeatable)"}),
+}
+_STAGE_FLAGS["breakdown"] = ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
+                             "--max-new-tokens", "--checkpoint", "--seed"]
 
 
 def build_parser() -> argparse.ArgumentParser:

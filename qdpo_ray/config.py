@@ -125,6 +125,20 @@ class FlipsConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Prompts per forward batch.")
 
 
+class BreakdownConfig(_Section):
+    """Breakdown analysis (paper §3.2, A.2, Fig. 2): flipped token × KV cache × continuing model."""
+
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Greedy tokens searched for the first "
+                                "divergence, and tokens each of the 8 cases continues from it.")
+    rtn: bool = Field(True, description="Analyse the RTN model of model.name (the quant section); "
+                      "ignored when quant.bits is 16.")
+    checkpoints: list[str] = Field(default_factory=list, description="Quantized checkpoint directories "
+                                   "(e.g. an AWQ or QDPO export) analysed too, each against model.name. "
+                                   "CLI: --checkpoint DIR (repeatable).")
+    verify: bool = Field(True, description="Re-decode fp and quantized answers with `generate` and record "
+                         "whether cases 8 and 1 reproduce them token for token (results.json `checks`).")
+
+
 class VllmEngineConfig(_Section):
     """One vLLM engine: where it runs and its memory. Laptop defaults; on a GPU cluster set gpus_per_actor=1."""
 
@@ -175,6 +189,18 @@ class PairsConfig(_Section):
         64, ge=0, description="Pairs (seeded sample) teacher-forced through the fp32 fp model and the fp32 "
         "π_q to check that chosen/rejected are their greedy answers (summary.json `fidelity`); null = all, "
         "0 = skip the check.")
+    mode: Literal["natural", "anchored"] = Field(
+        "natural", description="natural: one pair per prompt, both full greedy answers (the paper). anchored: "
+        "pairs at π_q's teacher-forced flips on the fp answer y: prompt' = prompt + y[:k], chosen = "
+        "y[k:k+L], rejected = π_q's greedy L tokens from prompt' (docs/pairs.md).")
+    anchors_per_prompt: int = Field(
+        4, ge=1, description="anchored: pairs per answer at most: its first flip plus up to this many - 1 others.")
+    anchor_by: Literal["random", "margin"] = Field(
+        "random", description="anchored: how the other flips are picked: random (seeded) or margin (largest "
+        "fp top-1/top-2 log-prob gap first, i.e. where the fp model was confident).")
+    continuation_len: int = Field(
+        4, ge=1, description="anchored: L, tokens of chosen and rejected after the anchor (1 = a token-level "
+        "preference at the flip).")
 
     @field_validator("divergence_window")
     @classmethod
@@ -216,6 +242,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up (optimizer steps).")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warm-up.")
     epochs: int = Field(1, ge=1, description="Passes over the pairs (ignored when max_steps is set).")
+    rounds: int = Field(1, ge=1, description="On-policy rounds: round r ≥ 2 regenerates the rejected answers "
+                        "with round r-1's W4 export (prompts and pairs sections) and trains on from its weights "
+                        "with it as the reference (qdpo_ray/train/rounds.py).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     per_device_batch_size: int = Field(4, ge=1, description="Pairs per worker per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
@@ -383,6 +412,9 @@ class PipelineConfig(_Section):
                                         description="Held-out prompts of the flips and evaluate stages.")
     dry_run: bool = Field(False, description="Print the stage plan (what runs, what is skipped and why) and "
                           "exit without running anything (CLI: --dry-run).")
+    verbose: bool = Field(False, description="Print every log line of Ray, vLLM and DeepSpeed; by default the "
+                          "console shows one line per stage and training step and the full logs go to "
+                          "<out>/logs/pipeline.log (CLI: --verbose).")
 
     @field_validator("stages")
     @classmethod
@@ -401,6 +433,7 @@ class RunConfig(_Section):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     flips: FlipsConfig = Field(default_factory=FlipsConfig)
+    breakdown: BreakdownConfig = Field(default_factory=BreakdownConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
