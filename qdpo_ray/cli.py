@@ -80,7 +80,8 @@ def _cmd_quantize(cfg: RunConfig) -> int:
 
     out = run_quantize(cfg)
     print(f"wrote {cfg.quant.label} checkpoint to {out}")
-    print(f"serve it with: vllm serve {out} --dtype bfloat16")
+    print(f"serve it with: qdpo-ray serve --w4 {out}   (or on a GPU: vllm serve {out} --dtype float16; "
+          "on a CPU vLLM's W4 kernel needs AVX-512 and VLLM_CPU_INT4_W4A8=0, see docs/serving.md)")
     return 0
 
 

@@ -159,6 +159,11 @@ class VllmEngineConfig(_Section):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each engine's placement bundle asks for, "
         "e.g. {node_a: 1} to pin engines to nodes that advertise `node_a` (`ray start --resources`).")
+    w4_kernel: Literal["auto", "packed", "dense"] = Field(
+        "auto", description="How a CPU engine runs a packed W4/W8 checkpoint: `packed` (vLLM's W4A16 kernel, "
+        "only in its AVX-512 builds), `dense` (a de-quantized fp32 copy of the same π_q, any CPU), `auto` "
+        "(packed where every live node that can host the engine has AVX-512, else dense; GPU engines "
+        "always packed). Set it on autoscaling clusters whose engine nodes are not up yet.")
 
 
 class EngineConfig(VllmEngineConfig):

@@ -6,6 +6,9 @@ import torch
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A Ray Data pipeline with no progress for 10 minutes is hung (e.g. an engine restarted in a loop): fail
+# the test then, not after Ray's default 30 minutes.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
 
 
 @pytest.hookimpl(hookwrapper=True)

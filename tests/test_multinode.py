@@ -78,14 +78,10 @@ while not os.path.exists(stop):
     time.sleep(0.5)
 """
 
-# `qdpo-ray generate-pairs`, optionally with a dense π_q checkpoint standing in for the W4 export (below).
+# `qdpo-ray generate-pairs` as a driver process of the cluster.
 _PAIRS_DRIVER = r"""
-import os, sys
+import sys
 from qdpo_ray import cli
-dense = os.environ.get("QDPO_MN_DENSE_PI_Q")
-if dense:
-    from qdpo_ray.generate import pairs
-    pairs._ensure_w4 = lambda cfg, out: dense
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -450,29 +446,14 @@ def test_two_node_training_survives_a_node_loss(cluster, tmp_path):
           f"restarted workers on {len(second)} nodes")
 
 
-def _dense_pi_q(model_dir: str, out: Path) -> str:
-    """π_q (RTN W4 quantize-dequantize) as a dense checkpoint, for CPUs without vLLM's W4 kernel."""
-    from qdpo_ray.config import QuantConfig
-    from qdpo_ray.models import load_model, load_tokenizer
-    from qdpo_ray.quant.fake_quant import quantize_model_rtn
-
-    quantize_model_rtn(load_model(model_dir, dtype="float32"), QuantConfig(bits=4)).save_pretrained(out)
-    load_tokenizer(model_dir).save_pretrained(out)
-    return str(out)
-
-
 def test_two_node_pairs_one_engine_per_node(cluster, tmp_path):
     """generate-pairs with one fp and one quantized vLLM engine, `{slot: 1}` each: one engine per node.
 
-    vLLM's CPU W4A16 kernel (cpu_gemm_wna16) exists only in its AVX-512 build; on an AVX2-only CPU the
-    π_q engine loads a dense π_q checkpoint instead (as in test_pairs.py): placement is the same."""
-    import torch
-
+    On CPUs without vLLM's W4 kernel (no AVX-512) the probe of both nodes makes the π_q engine dense
+    (generate.engine.w4_engine_dir); placement is the same either way."""
     model = save_tiny_model_dir(tmp_path / "model")
     out = tmp_path / "pairs"
     env = {}
-    if not torch.cpu._is_avx512_supported():
-        env["QDPO_MN_DENSE_PI_Q"] = _dense_pi_q(model, tmp_path / "pi_q_dense")
     cmd = [sys.executable, "-c", _PAIRS_DRIVER, "generate-pairs", f"--out={out}", f"--model={model}",
            "--prompts=builtin:eval", "--limit=6", "--answer-tokens=8", "--actors=1",
            '--pairs.engine.resources={"slot": 1}', "--pairs.engine.max_model_len=256",

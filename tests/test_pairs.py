@@ -86,6 +86,8 @@ def test_pairs_match_fp_and_w4_greedy(generated):
     assert summary["pairs_generated"] == N and summary["identical_rate"] < 0.5
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["quant"] == "W4A16" and "vllm" in " ".join(meta["versions"])
+    # the π_q engines ran what this CPU's vLLM can run: the packed kernel (AVX-512) or the dense copy
+    assert meta["w4_engine"] == ("packed" if torch.cpu._is_avx512_supported() else "dense")
 
 
 def test_resume_regenerates_only_missing_parts(generated):
@@ -159,31 +161,14 @@ def test_killed_engine_actor_is_restarted(tmp_path, ray_local, embedded_model_di
 NEAR_TIE = 0.05
 
 
-def _dense_pi_q(out) -> str:
-    """π_q as a dense checkpoint: the embedded model with every targeted weight RTN quantize-dequantized."""
-    from qdpo_ray.config import QuantConfig
-    from qdpo_ray.models import load_model, load_tokenizer
-    from qdpo_ray.quant.fake_quant import quantize_model_rtn
-
-    quantize_model_rtn(load_model("smollm2-135m", dtype="float32"), QuantConfig(bits=4)).save_pretrained(out)
-    load_tokenizer("smollm2-135m").save_pretrained(out)
-    return str(out)
-
-
-def test_anchored_pairs_share_prefix_and_flip_at_anchor(tmp_path, ray_local, embedded_model_dir, monkeypatch):
-    """Anchored pairs on real engines. vLLM's CPU W4A16 kernel (cpu_gemm_wna16) exists only in its
-    AVX-512 build; on an AVX2-only CPU the π_q engines run the de-quantized W4 weights as a dense fp16
-    checkpoint instead (the same π_q up to fp16 rounding), so the check below means the same there."""
+def test_anchored_pairs_share_prefix_and_flip_at_anchor(tmp_path, ray_local, embedded_model_dir):
+    """Anchored pairs on real engines (packed π_q with AVX-512, its dense copy without: the same model)."""
     from qdpo_ray.config import ModelConfig, PromptsConfig, QuantConfig
     from qdpo_ray.data import format_prompt, load_prompts
-    from qdpo_ray.generate import pairs as pairs_mod
     from qdpo_ray.generate.pairs import load_pairs, run_pairs
     from qdpo_ray.models import load_model, load_tokenizer
     from qdpo_ray.quant.fake_quant import to_fake_quant
 
-    if not torch.cpu._is_avx512_supported():
-        dense = _dense_pi_q(tmp_path / "pi_q_dense")
-        monkeypatch.setattr(pairs_mod, "_ensure_w4", lambda cfg, out: dense)
     L = 4
     s = run_pairs(_cfg(tmp_path / "anchored", mode="anchored", anchors_per_prompt=3, continuation_len=L,
                        fidelity_sample=6))

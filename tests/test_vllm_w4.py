@@ -1,5 +1,8 @@
 """The exported W4 checkpoint runs in a real vLLM engine and decodes what the fake-quant model decodes.
 
+With AVX-512 the engine runs vLLM's packed W4A16 kernel; without it (vLLM's AVX2 build has no W4 kernel)
+the dense de-quantized copy of the same checkpoint (qdpo_ray.quant.dense).
+
 vLLM's CPU W4A16 kernel computes in bf16/fp16, the fake-quant reference in fp32, so a few near-tie
 tokens may differ; we replay vLLM's tokens through the fp32 fake-quant model and require (a) most of
 them to be its argmax, (b) every disagreement to be a near tie, and (c) the first tokens of most answers
@@ -38,6 +41,8 @@ def test_vllm_w4_matches_fake_quant(tmp_path, embedded_model_dir, dtype):
     ids = [format_prompt(tok, p, mcfg) for p in prompts]
     res = run_subprocess(str(out), ids, MAX_TOKENS, dtype=dtype)
     assert len(res["token_ids"]) == N_PROMPTS
+    # the packed checkpoint ran on vLLM's W4A16 kernel where this CPU's vLLM has it, else its dense copy
+    assert (res["engine_model"] == str(out)) == torch.cpu._is_avx512_supported(), res["engine_model"]
 
     agree = total = exact_prefix = 0
     worst_gap = 0.0
@@ -55,7 +60,7 @@ def test_vllm_w4_matches_fake_quant(tmp_path, embedded_model_dir, dtype):
     rate = agree / total
     hf = greedy_generate(fq, tok, ids, MAX_TOKENS, batch_size=N_PROMPTS)
     identical = sum(a == b for a, b in zip(hf, res["token_ids"]))
-    print(json.dumps({"dtype": dtype, "teacher_forced_agreement": rate, "tokens": total,
+    print(json.dumps({"dtype": dtype, "engine_model": res["engine_model"], "teacher_forced_agreement": rate, "tokens": total,
                       "worst_logprob_gap": worst_gap, "first4_exact": exact_prefix,
                       "identical_sequences": identical, "n": N_PROMPTS}))
     assert rate >= 0.97

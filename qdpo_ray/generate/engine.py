@@ -7,14 +7,24 @@ different model from π_q — the rejected answers would not be π_q's and the s
 trained one — and on the embedded model's shapes its weight repacking crashes the engine. So the switch
 is set off here, in the one place every engine's environment is built, whatever CPU the engine lands on
 (an AMD laptop and an AMX Xeon node of the same cluster must give the same pairs).
+
+The same kernel is missing altogether from vLLM's AVX2 build (x86 CPUs without AVX-512, e.g. AMD Zen 2/3):
+a packed checkpoint loads there and the engine dies at its first forward, which Ray Data answers by
+restarting it forever. `w4_engine_dir` decides once, for every engine of a pool, whether π_q runs packed
+or as its de-quantized dense copy (`qdpo_ray.quant.dense`), so all engines compute the same model.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 from qdpo_ray.config import VllmEngineConfig
+
+log = logging.getLogger(__name__)
 
 # Environment that pins vLLM to the W4A16 kernels. On GPUs the variable is unknown and ignored.
 W4A16_ENV = {"VLLM_CPU_INT4_W4A8": "0"}
@@ -46,3 +56,56 @@ def engine_settings(e: VllmEngineConfig, seed: int) -> tuple[dict[str, Any], dic
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(max(1, int(e.cpus_per_actor))))
         bundles = [{"CPU": e.cpus_per_actor, **custom}]
     return engine_kwargs, env, bundles
+
+
+def cpu_has_w4_kernel(avx512: bool | None = None, machine: str | None = None) -> bool:
+    """Whether the vLLM ops library this CPU loads has the W4A16 kernel (`cpu_gemm_wna16`).
+
+    vLLM picks its x86 library the same way (`CpuPlatform.import_kernels`): `_C` (AVX-512 + bf16) and
+    `_C_AVX512` carry the kernel, `_C_AVX2` does not. Other architectures build it into their one `_C`.
+    """
+    import torch
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    return torch.cpu._is_avx512_supported() if avx512 is None else avx512
+
+
+def nodes_without_w4_kernel(custom_resources: dict[str, float]) -> list[str]:
+    """Addresses of the live Ray nodes that could host such an engine (CPU plus `custom_resources`) and
+    lack the kernel; a zero-CPU probe task runs on each of them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(cpu_has_w4_kernel)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0
+             and all(n["Resources"].get(k, 0) >= v for k, v in custom_resources.items())]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes]
+    return [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(refs)) if not ok]
+
+
+def w4_engine_dir(w4_dir: str, e: VllmEngineConfig, dense_root: str | Path) -> tuple[str, str]:
+    """(directory the π_q engines load, "packed" | "dense") for the packed checkpoint `w4_dir`.
+
+    `e.w4_kernel=auto` probes the live Ray nodes (or this machine when Ray is not running); one node
+    without the kernel makes the whole pool dense, so every engine computes the same π_q.
+    """
+    mode = e.w4_kernel
+    if e.gpus_per_actor > 0:
+        mode = "packed"  # vLLM's GPU W4A16 kernels (Marlin and others) run the packed format
+    elif mode == "auto":
+        import ray
+
+        lacking = (nodes_without_w4_kernel(dict(e.resources)) if ray.is_initialized()
+                   else ([] if cpu_has_w4_kernel() else [platform.node()]))
+        mode = "dense" if lacking else "packed"
+        if lacking:
+            log.warning("vLLM has no CPU W4A16 kernel without AVX-512 (nodes: %s): the π_q engines run the "
+                        "de-quantized copy of %s (same model, dense speed)", ", ".join(lacking), w4_dir)
+    if mode == "packed":
+        return w4_dir, mode
+    from qdpo_ray.quant.dense import ensure_dense_copy
+
+    return ensure_dense_copy(w4_dir, dense_root), mode

@@ -33,7 +33,7 @@ from typing import Any
 
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
-from qdpo_ray.generate.engine import engine_settings
+from qdpo_ray.generate.engine import engine_settings, w4_engine_dir
 from qdpo_ray.io import atomic_dir, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -360,13 +360,17 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
     todo = [r for r in rows if r["id"] in missing]
     n_eng = 2 * cfg.pairs.engine.num_actors
     gen_s = 0.0
+    prev_meta = out / "metadata.json"  # a run with nothing left to generate keeps what the last one used
+    w4_engine = json.loads(prev_meta.read_text()).get("w4_engine") if prev_meta.is_file() else None
     if todo:
         e = cfg.pairs.engine
         ensure_ray(int(n_eng * e.cpus_per_actor) + 4)
-        log.info("generating %s pairs for %d prompts (%d already in %s)", cfg.pairs.mode, len(todo),
-                 len(rows) - len(todo), raw_dir)
+        engine_w4, w4_engine = w4_engine_dir(w4_dir, e, out)
+        log.info("generating %s pairs for %d prompts (%d already in %s; π_q engines: %s)", cfg.pairs.mode,
+                 len(todo), len(rows) - len(todo), raw_dir, w4_engine)
         t1 = time.time()
-        for _ in (_build_anchored if anchored else _build_dataset)(cfg, todo, fp_dir, w4_dir, raw_dir).iter_rows():
+        build = _build_anchored if anchored else _build_dataset
+        for _ in build(cfg, todo, fp_dir, engine_w4, raw_dir).iter_rows():
             pass
         gen_s = time.time() - t1
 
@@ -386,7 +390,7 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
 
     meta = {"model": cfg.model.name, "fp_dir": fp_dir, "w4_dir": w4_dir, "quant": cfg.quant.label,
             "max_new_tokens": cfg.pairs.max_new_tokens, "engine_dtype": cfg.pairs.engine.dtype,
-            "seed": cfg.seed, "pairs_mode": cfg.pairs.mode, "versions": _versions()}
+            "seed": cfg.seed, "pairs_mode": cfg.pairs.mode, "w4_engine": w4_engine, "versions": _versions()}
     schema = _schema(fidelity=True, anchored=anchored)
     table = pa.Table.from_pylist(kept, schema=schema) if kept else schema.empty_table()
     table = table.replace_schema_metadata({b"qdpo_ray": json.dumps(meta).encode()})

@@ -9,7 +9,9 @@ CLI). Input and output are JSON files so that the exact prompt token ids travel 
 
 prompts.json: {"prompt_token_ids": [[...], ...]}
 answers.json: {"token_ids": [[...], ...], "top_logprobs": [[[[id, lp], [id, lp]], ...], ...] | null,
-               "engine_start_s": float, "generate_s": float}
+               "engine_start_s": float, "generate_s": float, "engine_model": the directory vLLM loaded}
+
+A packed W4 checkpoint runs as its dense π_q copy (cached) on CPUs whose vLLM build lacks the W4 kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ def _engine_kwargs(model: str, dtype: str, max_model_len: int, seed: int) -> dic
                 trust_remote_code=False)
 
 
+def _runnable(model: str) -> str:
+    """`model`, or its dense π_q copy when it is a packed checkpoint this CPU's vLLM cannot run."""
+    from qdpo_ray.generate.engine import cpu_has_w4_kernel
+
+    cfg = Path(model) / "config.json"
+    if cpu_has_w4_kernel() or not cfg.is_file() or "quantization_config" not in json.loads(cfg.read_text()):
+        return model
+    from qdpo_ray.models import cache_dir
+    from qdpo_ray.quant.dense import ensure_dense_copy
+
+    return ensure_dense_copy(model, cache_dir() / "dense")
+
+
 def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
         logprobs: int | None = None, max_model_len: int = 2048, seed: int = 0) -> dict:
     from qdpo_ray.generate.engine import apply_w4a16_env
@@ -36,6 +51,7 @@ def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: s
     apply_w4a16_env()
     from vllm import LLM, SamplingParams
 
+    model = _runnable(model)
     t0 = time.time()
     llm = LLM(**_engine_kwargs(model, dtype, max_model_len, seed))
     t1 = time.time()
@@ -47,7 +63,8 @@ def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: s
     if logprobs:
         top = [[sorted(([tid, lp.logprob] for tid, lp in step.items()), key=lambda x: -x[1])[:logprobs]
                 for step in o.outputs[0].logprobs] for o in outs]
-    return {"token_ids": token_ids, "top_logprobs": top, "engine_start_s": t1 - t0, "generate_s": t2 - t1}
+    return {"token_ids": token_ids, "top_logprobs": top, "engine_start_s": t1 - t0, "generate_s": t2 - t1,
+            "engine_model": model}
 
 
 def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",

@@ -129,7 +129,8 @@ def export_packed(model: nn.Module, tokenizer, cfg: QuantConfig, out: str | Path
             f"{'group size ' + str(cfg.group_size) if cfg.group_size else 'one scale per output channel'}, "
             f"{'symmetric' if cfg.symmetric else 'asymmetric'} min-max round-to-nearest; "
             f"ignored: {', '.join(cfg.ignore) or 'none'}.\n\n"
-            "Serve with `vllm serve <this dir>` (bf16/fp16 activations) or load with "
+            "Serve with `qdpo-ray serve --w4 <this dir>` or `vllm serve <this dir> --dtype float16` (on a CPU "
+            "vLLM's W4A16 kernel needs AVX-512, and `VLLM_CPU_INT4_W4A8=0` keeps activations in 16 bits), or load with "
             "`transformers.AutoModelForCausalLM.from_pretrained(<this dir>)`.\n" + extra_readme
         )
     log.info("wrote %s checkpoint to %s", cfg.label, out)
