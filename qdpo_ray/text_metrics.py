@@ -9,18 +9,27 @@ from __future__ import annotations
 from functools import lru_cache
 
 
+ROUGE = ("rouge1", "rouge2", "rougeL")
+
+
 @lru_cache(maxsize=1)
 def _scorer():
-    # Building the scorer loads its tokenizer; evaluate calls rouge_l once per prompt and model.
+    # Building the scorer loads its tokenizer; evaluate scores once per prompt and model.
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=False)
+
+
+def rouge_scores(candidate: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F1 of `candidate` against `reference`."""
+    if candidate == reference:
+        # rouge-score gives 0 when no word survives its tokenizer (empty, punctuation only); equal answers
+        # must still read as a perfect match.
+        return {m: 1.0 for m in ROUGE}
+    s = _scorer().score(reference, candidate)
+    return {m: float(s[m].fmeasure) for m in ROUGE}
 
 
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 of `candidate` against `reference` (symmetric: F1 of the longest common subsequence)."""
-    if candidate == reference:
-        # rouge-score gives 0 when no word survives its tokenizer (empty, punctuation only); equal answers
-        # must still read as a perfect match.
-        return 1.0
-    return _scorer().score(reference, candidate)["rougeL"].fmeasure
+    return rouge_scores(candidate, reference)["rougeL"]

