@@ -145,11 +145,12 @@ class VllmEngineConfig(_Section):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per engine (its compute threads on CPU).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per engine; 0 runs vLLM on CPU.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over.")
-    dtype: Literal["bfloat16", "float16"] = Field(
-        "float16", description="Activation dtype of both engines (the W4 kernels need bf16/fp16); the same "
-        "for fp and quantized so that a pair differs by quantization only. float16 tracks the fp32 "
-        "fake-quant π_q that training uses as reference (bf16 is a W8-sized perturbation of its own on "
-        "the embedded model; docs/pairs.md).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Activation dtype of both engines, the same for fp and quantized so that a pair "
+        "differs by quantization only. auto: float16 where π_q runs vLLM's packed W4A16 kernel (it needs "
+        "bf16/fp16; fp16 tracks the fp32 π_q training uses, bf16 is a W8-sized perturbation of its own on "
+        "the embedded model), float32 where it runs the dense copy (w4_kernel; exactly training's fp32 "
+        "π_q, and faster than fp16 on CPUs without AVX-512). float32 needs w4_kernel: dense.")
     max_model_len: int = Field(2048, ge=64, description="Prompt + answer tokens per sequence.")
     kv_cache_gib: int = Field(1, ge=1, description="CPU engines: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU engines: share of GPU memory.")
@@ -164,6 +165,14 @@ class VllmEngineConfig(_Section):
         "only in its AVX-512 builds), `dense` (a de-quantized fp32 copy of the same π_q, any CPU), `auto` "
         "(packed where every live node that can host the engine has AVX-512, else dense; GPU engines "
         "always packed). Set it on autoscaling clusters whose engine nodes are not up yet.")
+
+
+    @model_validator(mode="after")
+    def _fp32_needs_dense(self) -> "VllmEngineConfig":
+        if self.dtype == "float32" and self.w4_kernel == "packed":
+            raise ValueError("dtype=float32 with w4_kernel=packed: vLLM's W4A16 kernel computes in bfloat16/"
+                             "float16 only; use dtype auto or float16, or w4_kernel dense")
+        return self
 
 
 class EngineConfig(VllmEngineConfig):

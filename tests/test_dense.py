@@ -84,3 +84,22 @@ def test_engine_dir_follows_the_kernel(tiny_llama, tmp_path, monkeypatch):
     for has_kernel, want in ((True, "packed"), (False, "dense")):  # auto, without Ray: this machine decides
         monkeypatch.setattr(engine, "cpu_has_w4_kernel", lambda has=has_kernel: has)
         assert w4_engine_dir(w4, cpu, tmp_path)[1] == want
+
+
+def test_engine_dtype_follows_the_kernel():
+    from qdpo_ray.config import ConfigError
+    from qdpo_ray.generate.engine import engine_settings, resolve_dtype
+
+    auto = VllmEngineConfig()
+    assert auto.dtype == "auto"
+    assert resolve_dtype(auto, "dense").dtype == "float32"  # exactly training's fp32 π_q
+    assert resolve_dtype(auto, "packed").dtype == "float16"  # the W4A16 kernel has no fp32 path
+    assert resolve_dtype(auto.model_copy(update={"dtype": "bfloat16"}), "dense").dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="pairs.engine.dtype=float32"):
+        resolve_dtype(auto.model_copy(update={"dtype": "float32"}), "packed", "pairs.engine")
+    with pytest.raises(ValueError, match="w4_kernel=packed"):
+        VllmEngineConfig(dtype="float32", w4_kernel="packed")
+    with pytest.raises(ValueError, match="resolve_dtype"):
+        engine_settings(auto, seed=0)  # never vLLM's own "auto" (each checkpoint's dtype)
+    # an fp32 engine config can only run the dense copy, whatever this CPU has
+    assert VllmEngineConfig(dtype="float32").w4_kernel == "auto"

@@ -60,7 +60,7 @@ def _kernel_choice(env: dict[str, str]) -> dict:
 
 def test_every_engine_environment_pins_w4a16():
     for e in (VllmEngineConfig(), VllmEngineConfig(gpus_per_actor=1), ServeConfig().engine):
-        _, env, _ = engine_settings(e, seed=0)
+        _, env, _ = engine_settings(e.model_copy(update={"dtype": "float16"}), seed=0)
         assert env["VLLM_CPU_INT4_W4A8"] == "0"
 
 

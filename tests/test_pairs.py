@@ -25,8 +25,8 @@ def _cfg(out, **pairs):
     from qdpo_ray.config import load_config
 
     over = [f"out={out}", "model.name=smollm2-135m", "prompts.source=builtin:eval", f"prompts.limit={N}",
-            f"pairs.max_new_tokens={TOKENS}", "pairs.engine.dtype=float16", "pairs.engine.batch_size=4",
-            "pairs.drop_identical=false"]
+            f"pairs.max_new_tokens={TOKENS}", "pairs.engine.batch_size=4",
+            "pairs.drop_identical=false", "pairs.fidelity_sample=0"]  # the anchored test checks fidelity
     over += [f"pairs.{k}={json.dumps(v)}" for k, v in pairs.items()]
     return load_config(None, over)
 

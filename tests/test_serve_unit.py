@@ -110,7 +110,8 @@ def test_llm_config_resources_and_autoscaling():
     from qdpo_ray.config import load_config
     from qdpo_ray.serve.app import llm_config
 
-    cfg = load_config(None, ["serve.w4_replicas.max_replicas=4", "serve.w4_replicas.target_ongoing_requests=2"])
+    cfg = load_config(None, ["serve.w4_replicas.max_replicas=4", "serve.w4_replicas.target_ongoing_requests=2",
+                             "serve.engine.dtype=float16"])
     c = llm_config(cfg, "w4", "/some/dir", cfg.serve.w4_replicas)
     assert c.model_id == "w4" and c.engine_kwargs["dtype"] == "float16"
     assert c.engine_kwargs["trust_remote_code"] is False
@@ -130,7 +131,7 @@ def test_serve_yaml_builds_a_config():
     app = doc["applications"][0]
     assert app["import_path"] == "serve.app:build_app"
     cfg = _args_config(app["args"])
-    assert cfg.serve.fp_name == "fp16" and cfg.serve.engine.dtype == "float16" and cfg.model.name == "smollm2-135m"
+    assert cfg.serve.fp_name == "fp16" and cfg.serve.engine.dtype == "auto" and cfg.model.name == "smollm2-135m"
     from qdpo_ray.config import ConfigError
 
     with pytest.raises(ConfigError, match="serve.port"):

@@ -40,6 +40,8 @@ def apply_w4a16_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 def engine_settings(e: VllmEngineConfig, seed: int) -> tuple[dict[str, Any], dict[str, str], list[dict]]:
     """(vLLM engine kwargs, environment variables, placement-group bundles) for one engine."""
+    if e.dtype == "auto":  # vLLM's own "auto" would take each checkpoint's dtype: fp and π_q could differ
+        raise ValueError("engine dtype 'auto' is resolved with the W4 kernel first (resolve_dtype)")
     on_gpu = e.gpus_per_actor > 0
     engine_kwargs: dict[str, Any] = dict(
         dtype=e.dtype, max_model_len=e.max_model_len, enforce_eager=e.enforce_eager,
@@ -86,6 +88,18 @@ def nodes_without_w4_kernel(custom_resources: dict[str, float]) -> list[str]:
     return [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(refs)) if not ok]
 
 
+def resolve_dtype(e: VllmEngineConfig, w4_engine: str, field: str = "engine") -> VllmEngineConfig:
+    """`e` with a concrete dtype for engines whose π_q runs `w4_engine` ("packed" | "dense")."""
+    from qdpo_ray.config import ConfigError
+
+    if e.dtype == "auto":
+        return e.model_copy(update={"dtype": "float32" if w4_engine == "dense" else "float16"})
+    if e.dtype == "float32" and w4_engine == "packed":
+        raise ConfigError(f"{field}.dtype=float32: vLLM's W4A16 kernel computes in bfloat16/float16 only; use "
+                          f"{field}.dtype=auto or float16, or {field}.w4_kernel=dense")
+    return e
+
+
 def w4_engine_dir(w4_dir: str, e: VllmEngineConfig, dense_root: str | Path) -> tuple[str, str]:
     """(directory the π_q engines load, "packed" | "dense") for the packed checkpoint `w4_dir`.
 
@@ -95,6 +109,8 @@ def w4_engine_dir(w4_dir: str, e: VllmEngineConfig, dense_root: str | Path) -> t
     mode = e.w4_kernel
     if e.gpus_per_actor > 0:
         mode = "packed"  # vLLM's GPU W4A16 kernels (Marlin and others) run the packed format
+    elif mode == "auto" and e.dtype == "float32":
+        mode = "dense"  # the packed kernel has no fp32 path
     elif mode == "auto":
         import ray
 

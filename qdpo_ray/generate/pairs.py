@@ -33,7 +33,7 @@ from typing import Any
 
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
-from qdpo_ray.generate.engine import engine_settings, w4_engine_dir
+from qdpo_ray.generate.engine import engine_settings, resolve_dtype, w4_engine_dir
 from qdpo_ray.io import atomic_dir, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -361,11 +361,15 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
     n_eng = 2 * cfg.pairs.engine.num_actors
     gen_s = 0.0
     prev_meta = out / "metadata.json"  # a run with nothing left to generate keeps what the last one used
-    w4_engine = json.loads(prev_meta.read_text()).get("w4_engine") if prev_meta.is_file() else None
+    prev = json.loads(prev_meta.read_text()) if prev_meta.is_file() else {}
+    w4_engine, engine_dtype = prev.get("w4_engine"), prev.get("engine_dtype", cfg.pairs.engine.dtype)
     if todo:
         e = cfg.pairs.engine
         ensure_ray(int(n_eng * e.cpus_per_actor) + 4)
         engine_w4, w4_engine = w4_engine_dir(w4_dir, e, out)
+        e = resolve_dtype(e, w4_engine, "pairs.engine")  # both engines, fp and π_q, in one dtype
+        cfg = cfg.model_copy(update={"pairs": cfg.pairs.model_copy(update={"engine": e})})
+        engine_dtype = e.dtype
         log.info("generating %s pairs for %d prompts (%d already in %s; π_q engines: %s)", cfg.pairs.mode,
                  len(todo), len(rows) - len(todo), raw_dir, w4_engine)
         t1 = time.time()
@@ -389,7 +393,7 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
         kept = [{**r, **per.get(r["id"], {})} for r in kept]
 
     meta = {"model": cfg.model.name, "fp_dir": fp_dir, "w4_dir": w4_dir, "quant": cfg.quant.label,
-            "max_new_tokens": cfg.pairs.max_new_tokens, "engine_dtype": cfg.pairs.engine.dtype,
+            "max_new_tokens": cfg.pairs.max_new_tokens, "engine_dtype": engine_dtype,
             "seed": cfg.seed, "pairs_mode": cfg.pairs.mode, "w4_engine": w4_engine, "versions": _versions()}
     schema = _schema(fidelity=True, anchored=anchored)
     table = pa.Table.from_pylist(kept, schema=schema) if kept else schema.empty_table()

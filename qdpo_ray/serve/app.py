@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qdpo_ray.config import ConfigError, ReplicasConfig, RunConfig, ServeConfig, load_config
-from qdpo_ray.generate.engine import engine_settings, w4_engine_dir
+from qdpo_ray.generate.engine import engine_settings, resolve_dtype, w4_engine_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ def build_app(cfg: RunConfig, fp_dir: str | None = None, w4_dir: str | None = No
     if fp_dir is None or w4_dir is None:
         fp_dir, w4_dir = resolve_models(cfg)
     w4_dir, w4_engine = w4_engine_dir(w4_dir, s.engine, cfg.out)  # dense π_q where vLLM lacks the W4 kernel
-    log.info("W4 replicas run %s (%s)", w4_dir, w4_engine)
+    s = s.model_copy(update={"engine": resolve_dtype(s.engine, w4_engine, "serve.engine")})
+    cfg = cfg.model_copy(update={"serve": s})
+    log.info("W4 replicas run %s (%s, %s)", w4_dir, w4_engine, s.engine.dtype)
     configs = [llm_config(cfg, s.fp_name, fp_dir, s.fp_replicas), llm_config(cfg, s.w4_name, w4_dir, s.w4_replicas)]
     ingress_options = ingress_deployment_options(s)
     settings = ingress_settings(s)
