@@ -166,7 +166,6 @@ class VllmEngineConfig(_Section):
         "(packed where every live node that can host the engine has AVX-512, else dense; GPU engines "
         "always packed). Set it on autoscaling clusters whose engine nodes are not up yet.")
 
-
     @model_validator(mode="after")
     def _fp32_needs_dense(self) -> "VllmEngineConfig":
         if self.dtype == "float32" and self.w4_kernel == "packed":

@@ -31,17 +31,18 @@ def _engine_kwargs(model: str, dtype: str, max_model_len: int, seed: int) -> dic
                 trust_remote_code=False)
 
 
-def _runnable(model: str) -> str:
-    """`model`, or its dense π_q copy when it is a packed checkpoint this CPU's vLLM cannot run."""
-    from qdpo_ray.generate.engine import cpu_has_w4_kernel
+def _runnable(model: str, dtype: str) -> str:
+    """`model`, or its dense π_q copy when it is a packed checkpoint this CPU's vLLM cannot run (the same
+    decision as every other engine: generate.engine.w4_engine_dir)."""
+    from qdpo_ray.quant.export import is_quantized_dir
 
-    cfg = Path(model) / "config.json"
-    if cpu_has_w4_kernel() or not cfg.is_file() or "quantization_config" not in json.loads(cfg.read_text()):
+    if not is_quantized_dir(model):
         return model
+    from qdpo_ray.config import VllmEngineConfig
+    from qdpo_ray.generate.engine import w4_engine_dir
     from qdpo_ray.models import cache_dir
-    from qdpo_ray.quant.dense import ensure_dense_copy
 
-    return ensure_dense_copy(model, cache_dir() / "dense")
+    return w4_engine_dir(model, VllmEngineConfig(dtype=dtype), cache_dir() / "dense")[0]
 
 
 def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
@@ -51,7 +52,7 @@ def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: s
     apply_w4a16_env()
     from vllm import LLM, SamplingParams
 
-    model = _runnable(model)
+    model = _runnable(model, dtype)
     t0 = time.time()
     llm = LLM(**_engine_kwargs(model, dtype, max_model_len, seed))
     t1 = time.time()

@@ -151,11 +151,16 @@ def run_quantize(cfg) -> Path:
     return out
 
 
+def is_quantized_dir(path: str | Path) -> bool:
+    """Whether `path` is a model directory whose config.json carries a quantization_config."""
+    cfg_file = Path(path) / "config.json"
+    return cfg_file.is_file() and "quantization_config" in json.loads(cfg_file.read_text())
+
+
 def check_quantized_dir(path: str, field: str) -> str:
     """A ready quantized checkpoint given by the user; `field` names the config field in the error."""
     p = Path(path)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file() or "quantization_config" not in json.loads(cfg_file.read_text()):
+    if not is_quantized_dir(p):
         raise ConfigError(f"{field}={path!r} is not a quantized checkpoint directory (config.json with "
                           "quantization_config); make one with `qdpo-ray quantize` or `qdpo-ray train`")
     return str(p)
