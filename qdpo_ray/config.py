@@ -181,6 +181,11 @@ class EngineConfig(VllmEngineConfig):
     batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to an engine.")
     max_concurrent_batches: int = Field(
         4, ge=1, description="Batches one engine works on at once (overlaps batches; 1 = one at a time).")
+    w4_kernel: Literal["auto", "packed", "dense"] = Field(
+        "dense", description="How a CPU engine runs π_q. Pairs default to `dense` (the de-quantized fp32 copy; "
+        "with dtype auto both engines compute in fp32): y_w and y_l are then exactly the fp32 greedy answers "
+        "of the models training uses, and every x86 CPU takes the same code path. `auto`/`packed` use vLLM's "
+        "W4A16 kernel where the CPU has it (fp16; close to, not equal to, π_q). GPU engines always run packed.")
 
 
 class PairsConfig(_Section):

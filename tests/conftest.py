@@ -13,13 +13,57 @@ os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In CI a test skipped for a missing import fails: a broken install must not pass silently."""
+    """In CI a test skipped for a missing import fails: a broken install must not pass silently. A failed
+    test that ran Ray keeps the errors its actors logged (an engine dying inside an actor never reaches
+    the test's own traceback)."""
     outcome = yield
     rep = outcome.get_result()
     if os.environ.get("CI") == "true" and rep.skipped and call.excinfo is not None \
             and "could not import" in str(call.excinfo.value):
         rep.outcome = "failed"
         rep.longrepr = f"CI: a dependency is missing ({call.excinfo.value}); scripts/setup_venv.sh installs it"
+    if rep.failed and ("ray_local" in item.fixturenames or item.get_closest_marker("vllm")):
+        _RAY_ERRORS[item.nodeid] = _ray_log_errors()
+
+
+_RAY_ERRORS: dict[str, list[str]] = {}
+_ERROR_WORDS = ("Error", "Traceback", "Killed", "killed", "OOM", "Segmentation", "Illegal instruction", "died")
+
+
+def _ray_log_errors(limit: int = 12) -> list[str]:
+    """The last distinct error lines in the newest Ray session's actor and raylet logs."""
+    from pathlib import Path
+
+    logs = Path("/tmp/ray/session_latest/logs")
+    seen: dict[str, str] = {}
+    for f in sorted(logs.glob("*.err")) + sorted(logs.glob("*.out")) if logs.is_dir() else []:
+        try:
+            lines = f.read_text(errors="replace").splitlines()[-400:]
+        except OSError:
+            continue
+        for line in lines:
+            if any(w in line for w in _ERROR_WORDS):
+                seen[line.strip()[:300]] = f"worker pid {f.stem.rsplit('-', 1)[-1]}" if f.name.startswith("worker-") else f.name
+    return [f"{name}: {line}" for line, name in list(seen.items())[-limit:]]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Printed last, so a CI log's tail shows the machine and what Ray's actors said before a failure."""
+    if not _RAY_ERRORS:
+        return
+    flags = set()
+    try:
+        flags = {f for f in open("/proc/cpuinfo").read().split() if f in
+                 ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")}
+    except OSError:
+        pass
+    tr = terminalreporter
+    tr.section("Ray actor errors of failed tests")
+    tr.write_line(f"CPU flags: {' '.join(sorted(flags)) or 'unknown'}; cores: {os.cpu_count()}")
+    for nodeid, lines in _RAY_ERRORS.items():
+        tr.write_line(nodeid)
+        for line in lines or ["(no error lines in /tmp/ray/session_latest/logs)"]:
+            tr.write_line("  " + line)
 
 
 def make_tiny_llama(seed: int = 0, hidden: int = 256, layers: int = 2, vocab: int = 512):

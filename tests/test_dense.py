@@ -103,3 +103,22 @@ def test_engine_dtype_follows_the_kernel():
         engine_settings(auto, seed=0)  # never vLLM's own "auto" (each checkpoint's dtype)
     # an fp32 engine config can only run the dense copy, whatever this CPU has
     assert VllmEngineConfig(dtype="float32").w4_kernel == "auto"
+
+
+def test_pairs_engines_run_the_exact_pi_q_on_every_cpu(tiny_llama, tmp_path, monkeypatch):
+    """Pairs default to the dense fp32 π_q whatever the CPU has (one code path on AMD, AVX-512 and AVX2);
+    a GPU pool still runs the packed checkpoint in fp16."""
+    import qdpo_ray.generate.engine as engine
+    from qdpo_ray.config import load_config
+    from qdpo_ray.generate.engine import resolve_dtype
+
+    w4 = str(_packed(tiny_llama, tmp_path / "w4"))
+    pairs = load_config(None, []).pairs.engine
+    for has_kernel in (True, False):
+        monkeypatch.setattr(engine, "cpu_has_w4_kernel", lambda has=has_kernel: has)
+        _, mode = w4_engine_dir(w4, pairs, tmp_path)
+        assert mode == "dense" and resolve_dtype(pairs, mode).dtype == "float32"
+    gpu = pairs.model_copy(update={"gpus_per_actor": 1.0})
+    _, mode = w4_engine_dir(w4, gpu, tmp_path)
+    assert mode == "packed" and resolve_dtype(gpu, mode).dtype == "float16"
+    assert load_config(None, []).serve.engine.w4_kernel == "auto"  # Serve runs vLLM's W4 kernel where it can
