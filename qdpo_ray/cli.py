@@ -136,7 +136,9 @@ def _cmd_evaluate(cfg: RunConfig) -> int:
     from qdpo_ray.evaluate.compare import results_table, run_evaluate
 
     print(results_table(run_evaluate(cfg)))
-    print(f"wrote {cfg.out}/results.json, results.md, samples.jsonl, comparison.png")
+    print(f"wrote {cfg.out}/results.json, results.md, samples.jsonl, comparison.png"
+          + (f"; MT-Bench answers in {cfg.out}/answers/, the judge's report in {cfg.out}/judge/"
+             if cfg.evaluate.judge else ""))
     return 0
 
 
@@ -170,7 +172,8 @@ def _cmd_serve(cfg: RunConfig) -> int:
 _COMMANDS: dict[str, tuple[Callable[[RunConfig], int], str]] = {
     "quantize": (_cmd_quantize, "RTN-quantize a model and export a packed (compressed-tensors) checkpoint"),
     "flips": (_cmd_flips, "measure token flips of the quantized model against the fp model"),
-    "evaluate": (_cmd_evaluate, "compare quantized/trained models with the fp model: flips, ROUGE-L, exact match, perplexity"),
+    "evaluate": (_cmd_evaluate, "compare quantized/trained models with the fp model: flips, ROUGE-L, exact match, perplexity, "
+                 "MT-Bench judge"),
     "train": (_cmd_train, "train the quantized model with QDPO (or KD) on Ray Train + DeepSpeed"),
     "generate-pairs": (_cmd_pairs, "generate (fp answer, quantized answer) preference pairs with Ray Data + vLLM"),
     "serve": (_cmd_serve, "serve the fp and W4 models (OpenAI API, /compare, comparison page) with Ray Serve"),

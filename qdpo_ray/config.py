@@ -310,7 +310,12 @@ class JudgeConfig(_Section):
         default_factory=lambda: ["pairwise", "single"], min_length=1,
         description="pairwise = each model vs the baseline, both orders; single = 1-10 grading (Table 2).")
     answers: dict[str, str] = Field(default_factory=dict, description="label → answers JSONL "
-                                    "({question_id, turns}) for `qdpo-ray judge`.")
+                                    "({question_id, turns}) for `qdpo-ray judge`; `qdpo-ray evaluate` generates "
+                                    "the answers of every model it evaluates that is not named here.")
+    answer_max_new_tokens: int = Field(
+        512, ge=1, description="`qdpo-ray evaluate`: tokens per generated MT-Bench answer (FastChat: 1024).")
+    num_beams: int = Field(1, ge=1, description="`qdpo-ray evaluate`: 1 = greedy answers; 3, 5 = beam search "
+                           "(the paper's Table 5 ablation).")
     baseline: str = Field("fp", min_length=1, description="Label of the answers every other model is compared with.")
     paper_one_tie: Literal["decisive", "tie"] = Field(
         "decisive", description="Paper rule: a win/loss in one order and a tie in the other counts as that "
@@ -328,8 +333,9 @@ class EvaluateConfig(_Section):
         "a LoRA adapter directory (`<train out>/lora-adapter`: applied unmerged on that RTN model); "
         "the fp model is always included. CLI: --evaluate.models.qdpo=runs/train-qdpo/w4-qdpo")
     perplexity_texts: int | None = Field(None, ge=1, description="Use the first N perplexity texts (all: 60).")
-    judge: JudgeConfig | None = Field(None, description="MT-Bench LLM judge settings (`qdpo-ray judge`); null = "
-                                      "no judge. Fields: docs/judge.md.")
+    judge: JudgeConfig | None = Field(None, description="MT-Bench LLM judge (`qdpo-ray judge`, and `qdpo-ray "
+                                      "evaluate`: every model's MT-Bench answers judged against fp); null = no "
+                                      "judge. Fields: docs/judge.md.")
 
 
 class ReplicasConfig(_Section):

@@ -167,18 +167,20 @@ def load_prompts(cfg: PromptsConfig) -> PromptSet:
     return PromptSet(rows=rows, skipped_empty=skipped, source=cfg.source)
 
 
-def chat_messages(prompt: str, model: ModelConfig) -> list[dict[str, str]]:
+def chat_messages(prompt: str | list[str], model: ModelConfig) -> list[dict[str, str]]:
+    """Chat messages of one user prompt, or of a conversation [user, assistant, user, …] (MT-Bench turn 2)."""
     msgs = []
     if model.system_prompt is not None:
         msgs.append({"role": "system", "content": model.system_prompt})
-    msgs.append({"role": "user", "content": prompt})
+    turns = [prompt] if isinstance(prompt, str) else list(prompt)
+    msgs += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     return msgs
 
 
-def format_prompt(tokenizer, prompt: str, model: ModelConfig) -> list[int]:
-    """Prompt text → the token ids both models see (identical for fp and quantized)."""
+def format_prompt(tokenizer, prompt: str | list[str], model: ModelConfig) -> list[int]:
+    """Prompt text (or a conversation ending with a user turn) → the token ids both models see."""
     if model.chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(chat_messages(prompt, model), add_generation_prompt=True,
                                              tokenize=False)
         return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
+    return tokenizer(prompt if isinstance(prompt, str) else "\n\n".join(prompt)).input_ids

@@ -430,3 +430,57 @@ def test_judge_config_section():
         load_config(None, ["--evaluate.judge.concurrency=0"])
     with pytest.raises(ConfigError, match=r"evaluate\.judge\.turns"):
         load_config(None, ["--evaluate.judge.turns=[3]"])
+
+
+# --------------------------------------------------------------------------------------------------
+# `qdpo-ray evaluate` with a judge: MT-Bench answers generated per model, judged, cached
+
+
+def test_turn_two_sees_the_models_own_first_answer(tiny_model_dir, questions):
+    from qdpo_ray.config import ModelConfig
+    from qdpo_ray.data import format_prompt
+    from qdpo_ray.evaluate.answers import mtbench_answers
+    from qdpo_ray.generate.hf import greedy_generate
+    from qdpo_ray.models import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_model_dir, dtype="float32"), load_tokenizer(tiny_model_dir)
+    mc = ModelConfig(name=tiny_model_dir)
+    got = mtbench_answers(model, tok, questions[:1], mc, turns=2, max_new_tokens=6, batch_size=2)
+    q = questions[0]
+    a1, a2 = got[q["question_id"]]
+    # turn 2 is the greedy continuation of [question 1, the model's answer 1, question 2]
+    ids = format_prompt(tok, [q["turns"][0], a1, q["turns"][1]], mc)
+    assert a2 == tok.decode(greedy_generate(model, tok, [ids], 6)[0], skip_special_tokens=True).strip()
+    text = tok.decode(ids)
+    assert text.index(q["turns"][0]) < text.index(a1) < text.index(q["turns"][1])
+    beams = mtbench_answers(model, tok, questions[:1], mc, turns=1, max_new_tokens=6, num_beams=3)
+    assert len(beams[q["question_id"]]) == 1  # beam search runs (Table 5); only turn 1 asked
+
+
+def test_evaluate_generates_answers_judges_and_resumes(fake, tiny_model_dir, tmp_path):
+    from qdpo_ray.evaluate.compare import results_table, run_evaluate
+
+    srv = fake(prefer("zzz-never"))  # prefers B in every order: position-biased, so ties under both rules
+    over = [f"out={tmp_path / 'ev'}", f"model.name={tiny_model_dir}", "prompts.source=builtin:eval", "prompts.limit=2",
+            "flips.max_new_tokens=4", "evaluate.perplexity_texts=2", f"evaluate.judge.base_url={srv.url}",
+            "evaluate.judge.questions_limit=1", "evaluate.judge.answer_max_new_tokens=4", "evaluate.judge.backoff_s=0"]
+    cfg = load_config("configs/evaluate_judge.yaml", over)
+    rep = run_evaluate(cfg)
+    assert srv.count == 1 * 2 * 2 + 1 * 2 * 2  # pairwise rtn vs fp: 2 turns × 2 orders; single: 2 models × 2 turns
+    rtn = rep["models"]["rtn"]
+    assert rtn["judge_wtl"] == [0, 2, 0] and rtn["judge_lose_rate"] == 0.0 and rtn["judge_single"] == 7.0
+    assert rep["models"]["fp"]["judge_single"] == 7.0 and rep["judge"]["judge_model"] == "gpt-4"  # the config's name, sent to this server
+    out = tmp_path / "ev"
+    for label in ("fp", "rtn"):
+        rows = [json.loads(x) for x in (out / "answers" / f"{label}.jsonl").read_text().splitlines()]
+        assert [r["question_id"] for r in rows] == [81] and len(rows[0]["turns"]) == 2
+    assert {"judge.json", "judge.md", "judge.png"} <= {p.name for p in (out / "judge").iterdir()}
+    assert "judge lose-rate" in results_table(rep) and json.loads((out / "results.json").read_text())["judge"]
+    # The same evaluation again: answers read back, every judgment from the cache, no request.
+    stamp = (out / "answers" / "rtn.jsonl").stat().st_mtime_ns
+    rep2 = run_evaluate(cfg)
+    assert srv.count == 8 and (out / "answers" / "rtn.jsonl").stat().st_mtime_ns == stamp
+    assert rep2["models"]["rtn"]["judge_wtl"] == [0, 2, 0]
+    # Other generation settings are other answers: regenerated and judged anew.
+    run_evaluate(load_config("configs/evaluate_judge.yaml", over + ["evaluate.judge.answer_max_new_tokens=3"]))
+    assert srv.count == 16 and (out / "answers" / "rtn.jsonl").stat().st_mtime_ns != stamp

@@ -23,6 +23,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 KEY = "test-key-0123"
+MAX_PROMPT_CHARS = 6000  # an MT-Bench judge prompt (two turns, two answers, the judge's instructions) fits
 ARTIFACTS = Path(os.environ.get("QDPO_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
 
@@ -42,7 +43,7 @@ class Server:
             env["QDPO_API_KEY"] = key
         # fp16 engines; a short max_model_len keeps the KV-cache allocation quick.
         cmd = [str(Path(sys.executable).parent / "qdpo-ray"), "serve", "--port", str(port), "--out", str(out),
-               "--serve.engine.max_model_len=512", "--serve.max_tokens=128", "--serve.max_prompt_chars=2000"]
+               "--serve.engine.max_model_len=1536", "--serve.max_tokens=128", f"--serve.max_prompt_chars={MAX_PROMPT_CHARS}"]
         self.log = open(out / "serve.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -159,7 +160,7 @@ BAD = [
     ("/v1/chat/completions", None, b"{not json", "body"),
     ("/v1/chat/completions", {"model": "fp16", "messages": []}, None, "messages"),
     ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "  "}]}, None, "messages"),
-    ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "x" * 2001}]}, None, "messages"),
+    ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "x" * (MAX_PROMPT_CHARS + 1)}]}, None, "messages"),
     ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 129}, None, "max_tokens"),
     ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, None, "max_tokens"),
     ("/v1/chat/completions", {"model": "fp16", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, None, "temperature"),
@@ -257,6 +258,39 @@ def test_page_in_headless_chromium(server):
     assert fp_text.strip() and w4_text.strip()
     assert "ROUGE-L" in stats and "first divergence" in stats
     assert (ARTIFACTS / "serve-page.png").stat().st_size > 10_000
+
+
+def test_evaluate_judged_by_the_served_model(server, tmp_path, monkeypatch, capsys):
+    """`qdpo-ray evaluate --config configs/evaluate_judge.yaml`, CI-sized, with this project's own served fp16
+    model as the MT-Bench judge over real HTTP (bearer key from the env var the config names): fp and RTN
+    answer both turns, every game is judged in both orders plus single grading, a re-run asks nothing.
+    A 135M judge rarely writes a well-formed verdict: what is checked is the protocol, not the verdicts."""
+    from qdpo_ray.cli import main
+
+    monkeypatch.setenv("QDPO_TEST_JUDGE_KEY", KEY)
+    out = tmp_path / "ev"
+    args = ["evaluate", "--config", "configs/evaluate_judge.yaml", "--out", str(out),
+            f"--evaluate.judge.base_url={server.base}/v1", "--evaluate.judge.model=fp16",
+            "--evaluate.judge.api_key_env=QDPO_TEST_JUDGE_KEY", "--evaluate.judge.questions_limit=1",
+            "--evaluate.judge.answer_max_new_tokens=8", "--evaluate.judge.max_tokens=24", "--prompts.limit=2",
+            "--flips.max_new_tokens=8", "--evaluate.perplexity_texts=2", "--evaluate.judge.max_retries=1",
+            "--evaluate.judge.backoff_s=0"]
+    assert main(args) == 0, capsys.readouterr()
+    jr = json.loads((out / "judge" / "judge.json").read_text())
+    assert jr["judge"]["model"] == "fp16" and jr["questions"] == 1 and jr["turns"] == [1, 2]
+    assert jr["calls"]["planned"] == 2 * 2 + 2 * 2 and jr["calls"]["api_errors"] == 0
+    assert jr["calls"]["requests"] == 8 and jr["calls"]["cached"] == 0
+    games = jr["pairwise"]["rtn"]["games"]
+    outcomes = [g[o] for g in games for o in ("order_1", "order_2")]
+    assert len(games) == 2 and set(outcomes) <= {"win", "tie", "loss", "error"}  # error: no verdict in the reply
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["judge"]["models"]) == {"fp", "rtn"}
+    assert "judge lose-rate" in (out / "results.md").read_text()
+    cache_lines = (out / "judge_cache.jsonl").read_text().splitlines()
+    assert len(cache_lines) == 8
+    assert main(args) == 0  # the same evaluation again: all 8 judgments from the cache
+    jr2 = json.loads((out / "judge" / "judge.json").read_text())
+    assert jr2["calls"]["requests"] == 0 and jr2["calls"]["cached"] == 8
 
 
 def test_without_key_routes_are_open(server, tmp_path):

@@ -22,10 +22,13 @@ import torch
 
 from qdpo_ray.config import RunConfig
 from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
+from qdpo_ray.evaluate.answers import mtbench_answers
 from qdpo_ray.evaluate.flips import top2_margin
+from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
 from qdpo_ray.generate.hf import greedy_generate, teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from qdpo_ray.models import load_model, load_tokenizer
+from qdpo_ray.quant.dense import checkpoint_digest
 from qdpo_ray.quant.fake_quant import quantize_model_rtn
 from qdpo_ray.text_metrics import rouge_l
 
@@ -78,6 +81,9 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     fp_answers = greedy_generate(fp, tok, ids, n_tok, cfg.flips.batch_size)
     fp_text = [tok.decode(a, skip_special_tokens=True) for a in fp_answers]
     texts = perplexity_texts(ppl_texts)
+    judge = cfg.evaluate.judge
+    questions = load_questions(judge.questions, judge.questions_limit, judge.categories) if judge else []
+    mt_answers: dict[str, dict] = {}
 
     results: dict[str, Any] = {}
     samples: dict[str, list[str]] = {"fp": fp_text}
@@ -98,16 +104,59 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
             "perplexity": perplexity(m, tok, texts),
             "mean_answer_tokens": sum(len(a) for a in answers) / len(answers),
         }
+        if judge and label not in judge.answers:
+            mt_answers[label] = _judge_answers_of(m, tok, label, spec, questions, cfg, out / "answers")
         if m is not fp:
             del m
     report = {"prompts": cfg.prompts.source, "n_prompts": len(ids), "max_new_tokens": n_tok,
               "quant": cfg.quant.label, "perplexity_texts": f"MT-Bench GPT-4 reference answers ({len(texts)})",
-              "models": results, "wall_s": round(time.time() - t0, 1)}
+              "models": results}
+    if judge:
+        mt_answers.update({label: load_answers(path) for label, path in judge.answers.items()})
+        jr = judge_answers(judge, mt_answers, baseline=judge.baseline, questions=questions,
+                           cache_path=judge.cache or out / "judge_cache.jsonl")
+        write_judge_report(jr, out / "judge")
+        report["judge"] = judge_summary(jr)
+        for label, j in report["judge"]["models"].items():
+            if label in results:  # a model judged from an answers file only stays in report["judge"]
+                results[label].update(j)
+    report["wall_s"] = round(time.time() - t0, 1)
     atomic_write_json(out / "results.json", report)
     atomic_write_text(out / "results.md", results_table(report))
     _write_samples(out / "samples.jsonl", prompts.rows, samples)
     _plot(report, out / "comparison.png")
     return report
+
+
+def _judge_answers_of(model, tok, label: str, spec: str, questions, cfg: RunConfig, folder: Path) -> dict:
+    """`label`'s MT-Bench answers: generated once per (weights, generation settings, questions), then
+    read back from `folder/<label>.jsonl` (a long evaluation resumes without regenerating them)."""
+    judge = cfg.evaluate.judge
+    weights = checkpoint_digest(spec) if Path(spec, "config.json").is_file() and list(Path(spec).glob("*.safetensors")) \
+        else {"spec": spec, "model": cfg.model.model_dump(mode="json"), "quant": cfg.quant.model_dump(mode="json")}
+    key = {"weights": weights, "max_new_tokens": judge.answer_max_new_tokens, "num_beams": judge.num_beams,
+           "turns": max(judge.turns), "questions": [[q["question_id"], q["turns"]] for q in questions],
+           "chat": [cfg.model.chat_template, cfg.model.system_prompt]}
+    path, key_path = folder / f"{label}.jsonl", folder / f"{label}.key.json"
+    if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
+        return load_answers(path)
+    answers = mtbench_answers(model, tok, questions, cfg.model, max(judge.turns), judge.answer_max_new_tokens,
+                              cfg.flips.batch_size, judge.num_beams)
+    save_answers(path, answers, model=spec)
+    atomic_write_json(key_path, key)
+    return answers
+
+
+def judge_summary(jr: dict[str, Any]) -> dict[str, Any]:
+    """Per model: the paper's and FastChat's lose-rate against the baseline, and the single-grade average."""
+    models: dict[str, dict[str, Any]] = {}
+    for label, e in jr["pairwise"].items():
+        models[label] = {"judge_lose_rate": e["paper"]["lose_rate"], "judge_lose_rate_fastchat": e["fastchat"]["lose_rate"],
+                         "judge_wtl": [e["paper"]["win"], e["paper"]["tie"], e["paper"]["loss"]]}
+    for label, e in jr["single"].items():
+        models.setdefault(label, {})["judge_single"] = e["average"]
+    return {"judge_model": jr["judge"]["model"], "baseline": jr["baseline"], "questions": jr["questions"],
+            "turns": jr["turns"], "errors": jr["errors"], "models": models}
 
 
 def gap_closed(report: dict[str, Any], label: str, baseline: str = "rtn") -> dict[str, float] | None:
@@ -142,13 +191,30 @@ def gap_sentence(report: dict[str, Any], baseline: str = "rtn") -> str:
 
 
 def results_table(report: dict[str, Any]) -> str:
+    j = report.get("judge")
     lines = [f"Held-out prompts: `{report['prompts']}` ({report['n_prompts']}), greedy {report['max_new_tokens']} tokens; "
-             f"perplexity on {report['perplexity_texts']}.", "",
-             "| model | flip rate ↓ | ROUGE-L to fp ↑ | exact match ↑ | perplexity ↓ |", "|---|---|---|---|---|"]
+             f"perplexity on {report['perplexity_texts']}."
+             + (f" Judge: `{j['judge_model']}` on {j['questions']} MT-Bench questions, turns {j['turns']}, against "
+                f"{j['baseline']} (lose-rate: paper rule, FastChat rule in brackets; single: mean 1-10 grade)."
+                if j else ""), "",
+             "| model | flip rate ↓ | ROUGE-L to fp ↑ | exact match ↑ | perplexity ↓ |" + (" judge lose-rate ↓ | single ↑ |" if j else ""),
+             "|---|---|---|---|---|" + ("---|---|" if j else "")]
+
+    def pct(x):
+        return "—" if x is None else f"{x:.1%}"
+
     for label, r in report["models"].items():
-        lines.append(f"| {label} | {r['flip_rate']:.1%} | {r['rouge_l']:.3f} | {r['exact_match']:.1%} | "
-                     f"{r['perplexity']:.2f} |")
+        row = (f"| {label} | {pct(r.get('flip_rate'))} | {_num(r.get('rouge_l'), '.3f')} | {pct(r.get('exact_match'))} | "
+               f"{_num(r.get('perplexity'), '.2f')} |")
+        if j:
+            row += (f" {pct(r.get('judge_lose_rate'))} ({pct(r.get('judge_lose_rate_fastchat'))}) |" if label != j["baseline"]
+                    else " baseline |") + f" {_num(r.get('judge_single'), '.2f')} |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def _num(x, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
 
 
 def _write_samples(path: Path, rows, samples: dict[str, list[str]]) -> None:

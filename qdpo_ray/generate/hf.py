@@ -34,15 +34,16 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                    batch_size: int = 8) -> list[list[int]]:
-    """Greedy answers (token ids, up to and including EOS) for each prompt."""
+                    batch_size: int = 8, num_beams: int = 1) -> list[list[int]]:
+    """Greedy answers (token ids, up to and including EOS) for each prompt; num_beams > 1 is beam search
+    (deterministic too; the paper's Table 5 ablation)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
     answers: list[list[int]] = []
     for _, chunk in _batches(prompt_ids, batch_size):
         ids, mask = _left_pad(chunk, pad)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos),
+                             do_sample=False, num_beams=num_beams, pad_token_id=pad, eos_token_id=sorted(eos),
                              temperature=None, top_p=None, top_k=None)
         for row in out[:, ids.shape[1]:].tolist():
             ans = []
