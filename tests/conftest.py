@@ -137,9 +137,26 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray for one test module, with more logical CPUs than a 2-core machine has cores: engine
-    and training actors set their real thread counts themselves (qdpo_ray.cluster.ensure_ray)."""
+    and training actors set their real thread counts themselves (qdpo_ray.cluster.ensure_ray).
+
+    Never a Ray that something else started: Ray's own API auto-starts one with as many CPUs as the
+    machine has cores (e.g. `ray.serve.llm.build_llm_deployment` reads the runtime context), and on 2
+    cores two engine actors then hold every CPU while Ray Data's tasks wait forever (CI stop 14)."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False, ignore_reinit_error=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=6, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_outlives_its_module():
+    """A Ray auto-started by a test (Ray APIs do that) is stopped with its module, not inherited by the next."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
