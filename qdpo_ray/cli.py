@@ -217,6 +217,21 @@ _STAGE_FLAGS["breakdown"] = ["--model", "--bits", "--group-size", "--symmetric",
                              "--max-new-tokens", "--checkpoint", "--seed"]
 
 
+def _cmd_ptq(cfg: RunConfig) -> int:
+    from qdpo_ray.quant.ptq import run_ptq
+
+    out = run_ptq(cfg)
+    print(f"wrote {cfg.ptq.method.upper()} {cfg.quant.label} checkpoint (llm-compressor) to {out}")
+    print(f"compare it: qdpo-ray evaluate --config configs/evaluate.yaml --evaluate.models.{cfg.ptq.method}={out}")
+    return 0
+
+
+_COMMANDS["ptq"] = (_cmd_ptq, "AWQ / GPTQ baseline with llm-compressor (its own environment: "
+                    "scripts/setup_llmcompressor_venv.sh) on the quant section's grid")
+_STAGE_SHORT["ptq"] = {"--method": ("ptq.method", {"help": "awq | gptq"})}
+_STAGE_FLAGS["ptq"] = ["--model", "--bits", "--group-size", "--symmetric", "--method", "--out", "--seed"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdpo-ray", description="Quantization-aware DPO on Ray.",
                                 epilog="Any config field can be set as --section.key=value.")

@@ -448,6 +448,22 @@ class PipelineConfig(_Section):
         return list(dict.fromkeys(v))
 
 
+class PtqConfig(_Section):
+    """Calibrated PTQ baselines from llm-compressor (AWQ, GPTQ; paper Tables 1, 3, 4), run in their own
+    Python environment. Bits, group size, symmetry, targets and ignore come from the quant section, so a
+    baseline and RTN share one grid."""
+
+    method: Literal["awq", "gptq"] = Field("awq", description="awq (activation-aware scaling, then the RTN "
+                                           "grid) or gptq (the RTN grid with Hessian error correction).")
+    calibration_samples: int = Field(64, ge=1, description="Calibration prompts (paper A.1: 64).")
+    calibration_source: str = Field("builtin:train", description="Prompt source of the calibration set "
+                                    "(any prompts.source; chat-templated like every prompt).")
+    max_seq_len: int = Field(512, ge=16, description="Calibration tokens per sample at most.")
+    python: str | None = Field(
+        None, description="Interpreter of the llm-compressor environment; null = $QDPO_LLMCOMPRESSOR_PYTHON, "
+        "else .venv-llmcompressor/bin/python (made by scripts/setup_llmcompressor_venv.sh).")
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads the sections it depends on."""
 
@@ -455,6 +471,7 @@ class RunConfig(_Section):
     seed: int = Field(0, description="Random seed.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
+    ptq: PtqConfig = Field(default_factory=PtqConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     flips: FlipsConfig = Field(default_factory=FlipsConfig)
     breakdown: BreakdownConfig = Field(default_factory=BreakdownConfig)
