@@ -60,7 +60,7 @@ def run_ptq(cfg: RunConfig) -> Path:
 
     require_packable(cfg.quant.bits, needs="`qdpo-ray ptq` writes")
     python = ptq_python(cfg.ptq.python)
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # the worker runs in `out`: every path it gets is absolute
     target = out / f"w{cfg.quant.bits}-{cfg.ptq.method}"
     settings = _settings(cfg)
     marker = target / "qdpo_ptq_settings.json"
@@ -70,7 +70,9 @@ def run_ptq(cfg: RunConfig) -> Path:
     calib = out / f"calibration-{cfg.ptq.method}.jsonl"
     with atomic_path(calib) as tmp:
         Path(tmp).write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration_texts(cfg)))
-    cmd = [python, str(WORKER), "--model", resolve_model_path(cfg.model.name), "--out", str(target),
+    model = resolve_model_path(cfg.model.name)
+    model = str(Path(model).resolve()) if Path(model).exists() else model  # else a hub id
+    cmd = [python, str(WORKER), "--model", model, "--out", str(target),
            "--method", cfg.ptq.method, "--calibration", str(calib), "--bits", str(cfg.quant.bits),
            "--group-size", str(cfg.quant.group_size or 0), "--max-seq-len", str(cfg.ptq.max_seq_len),
            "--targets", *cfg.quant.targets, "--ignore", *cfg.quant.ignore]
