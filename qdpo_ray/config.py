@@ -332,7 +332,13 @@ class EvaluateConfig(_Section):
         description="label → `rtn` (RTN of model.name with the quant section), a checkpoint directory, or "
         "a LoRA adapter directory (`<train out>/lora-adapter`: applied unmerged on that RTN model); "
         "the fp model is always included. CLI: --evaluate.models.qdpo=runs/train-qdpo/w4-qdpo")
-    perplexity_texts: int | None = Field(None, ge=1, description="Use the first N perplexity texts (all: 60).")
+    perplexity_texts: int | None = Field(None, ge=1, description="Use the first N perplexity texts (mtbench: "
+                                         "60 in all) or N token windows (a corpus).")
+    perplexity_corpus: str = Field(
+        "mtbench", description="Perplexity text: `mtbench` (MT-Bench's GPT-4 reference answers, shipped, "
+        "offline), `hf:<dataset>[:<config>]` test split, e.g. hf:wikitext:wikitext-2-raw-v1 (WikiText-2, "
+        "where the hub is reachable), or a local .txt / .jsonl (`text` field) file, read as one stream in "
+        "512-token windows.")
     judge: JudgeConfig | None = Field(None, description="MT-Bench LLM judge (`qdpo-ray judge`, and `qdpo-ray "
                                       "evaluate`: every model's MT-Bench answers judged against fp); null = no "
                                       "judge. Fields: docs/judge.md.")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from qdpo_ray.config import RunConfig
+from qdpo_ray.config import ConfigError, RunConfig
 from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
 from qdpo_ray.evaluate.answers import mtbench_answers
 from qdpo_ray.evaluate.flips import top2_margin
@@ -40,13 +40,50 @@ def perplexity_texts(limit: int | None = None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
+def _corpus_texts(spec: str) -> list[str]:
+    """Texts of a perplexity corpus: `hf:<dataset>[:<config>]` (test split, `text` column) or a local
+    .txt file / .jsonl file with a `text` field."""
+    if spec.startswith("hf:"):
+        from datasets import load_dataset
+
+        name, _, config = spec[3:].partition(":")
+        try:
+            ds = load_dataset(name, config or None, split="test")
+        except Exception as e:  # noqa: BLE001 - offline machines, unknown names: one clear message
+            raise ConfigError(f"evaluate.perplexity_corpus={spec!r}: cannot load it ({type(e).__name__}: "
+                              f"{str(e)[:200]}); offline, use mtbench or a local .txt/.jsonl file") from None
+        return [t for t in ds["text"]]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"evaluate.perplexity_corpus={spec!r}: no such file (mtbench, hf:<dataset>[:<config>], "
+                          "or a .txt / .jsonl file)")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return [path.read_text()]
+
+
+def perplexity_windows(tok, spec: str, limit: int | None = None, max_len: int = 512) -> tuple[list[list[int]], str]:
+    """(token windows, description). `mtbench`: each GPT-4 reference answer is one window (truncated to
+    `max_len`), the offline default. A corpus (WikiText-2: `hf:wikitext:wikitext-2-raw-v1`) is read as one
+    stream, joined with blank lines and cut into `max_len`-token windows, the usual corpus perplexity.
+    `limit` keeps the first N texts or windows."""
+    if spec == "mtbench":
+        texts = perplexity_texts(limit)
+        return ([tok(t).input_ids[:max_len] for t in texts], f"MT-Bench GPT-4 reference answers ({len(texts)})")
+    ids = tok("\n\n".join(t for t in _corpus_texts(spec) if t.strip())).input_ids
+    windows = [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
+    windows = [w for w in windows if len(w) > 1][:limit] if limit else [w for w in windows if len(w) > 1]
+    return windows, f"{spec} ({len(windows)} windows of ≤ {max_len} tokens)"
+
+
 @torch.no_grad()
-def perplexity(model, tok, texts: list[str], max_len: int = 512) -> float:
+def perplexity(model, windows: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over every window; a window's first token is context only."""
     nll, n = 0.0, 0
-    for text in texts:
-        ids = tok(text, return_tensors="pt").input_ids[:, :max_len]
-        if ids.shape[1] < 2:
+    for w in windows:
+        if len(w) < 2:
             continue
+        ids = torch.tensor([w])
         logits = model(ids).logits[0, :-1].float()
         nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         n += ids.shape[1] - 1
@@ -80,7 +117,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     n_tok = cfg.flips.max_new_tokens
     fp_answers = greedy_generate(fp, tok, ids, n_tok, cfg.flips.batch_size)
     fp_text = [tok.decode(a, skip_special_tokens=True) for a in fp_answers]
-    texts = perplexity_texts(ppl_texts)
+    windows, ppl_label = perplexity_windows(tok, cfg.evaluate.perplexity_corpus, ppl_texts)
     judge = cfg.evaluate.judge
     questions = load_questions(judge.questions, judge.questions_limit, judge.categories) if judge else []
     mt_answers: dict[str, dict] = {}
@@ -101,7 +138,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
             "model": spec, "flip_rate": flips / max(1, total),
             "rouge_l": sum(map(rouge_l, text, fp_text)) / len(text),
             "exact_match": sum(a == b for a, b in zip(answers, fp_answers)) / len(answers),
-            "perplexity": perplexity(m, tok, texts),
+            "perplexity": perplexity(m, windows),
             "mean_answer_tokens": sum(len(a) for a in answers) / len(answers),
         }
         if judge and label not in judge.answers:
@@ -109,7 +146,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
         if m is not fp:
             del m
     report = {"prompts": cfg.prompts.source, "n_prompts": len(ids), "max_new_tokens": n_tok,
-              "quant": cfg.quant.label, "perplexity_texts": f"MT-Bench GPT-4 reference answers ({len(texts)})",
+              "quant": cfg.quant.label, "perplexity_texts": ppl_label,
               "models": results}
     if judge:
         mt_answers.update({label: load_answers(path) for label, path in judge.answers.items()})
