@@ -6,7 +6,8 @@
 2. RTN fake-quant on CUDA gives the same integers as on CPU, and the STE passes gradients unchanged;
 3. the chunked response-only LM head equals full-logit log-probs on CUDA (fp32 and bf16), and its
    gradients match;
-4. a fake-quant step's speed against a plain Linear step (one layer, 7B-sized), for docs/benchmarks.md.
+4. the objective mixes (qdpo+kd, qdpo+sft) give the same loss and gradients on CUDA as on CPU;
+5. a fake-quant step's speed against a plain Linear step (one layer, 7B-sized), for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -99,6 +100,31 @@ def _head():
         assert e < tol and eg < tol, (dtype, e, eg)
         msgs.append(f"{str(dtype)[6:]}: max |Δlogp| {e:.2e}, |Δgrad| {eg:.2e}")
     return "; ".join(msgs)
+
+
+@check("qdpo+kd / qdpo+sft mix: CUDA == CPU (fp32), chunked KD head == plain KD, gradients too")
+def _mix():
+    from qdpo_ray.train.losses import (chunked_response_kd_loss, mixed_loss, preference_loss, response_kd_loss,
+                                       sft_nll)
+
+    torch.manual_seed(0)
+    h, w, t = torch.randn(300, 512) * 0.5, torch.randn(8000, 512) * 0.02, torch.randn(300, 8000)
+    pc, pr, rc, rr = (torch.randn(8) * 10 for _ in range(4))
+    lens = torch.randint(5, 60, (8,))
+    got = {}
+    for dev in ("cpu", "cuda"):
+        hh, ww = h.to(dev).requires_grad_(True), w.to(dev).requires_grad_(True)
+        pref = preference_loss(*(x.to(dev) for x in (pc, pr, rc, rr)), beta=0.1)
+        kd = chunked_response_kd_loss(hh, ww, None, t.to(dev), chunk=64)
+        plain = response_kd_loss(hh @ ww.t(), t.to(dev))
+        loss = mixed_loss(pref, kd=kd, sft=sft_nll(pc.to(dev), lens.to(dev)), kd_weight=0.5, sft_weight=0.2)
+        grads = torch.autograd.grad(loss, (hh, ww))
+        got[dev] = (loss.item(), kd.item(), plain.item(), [g.cpu() for g in grads])
+    e = abs(got["cpu"][0] - got["cuda"][0])
+    ek = abs(got["cuda"][1] - got["cuda"][2])
+    eg = max((a - b).abs().max().item() for a, b in zip(got["cpu"][3], got["cuda"][3]))
+    assert e < 1e-4 and ek < 1e-4 and eg < 1e-4, (e, ek, eg)
+    return f"|Δloss| CPU/CUDA {e:.1e}, chunked vs plain KD {ek:.1e}, |Δgrad| CPU/CUDA {eg:.1e}"
 
 
 @check("fake-quant step vs plain step, one 4096x11008 layer (CUDA)")
