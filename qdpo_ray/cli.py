@@ -68,7 +68,7 @@ _STAGE_FLAGS = {
     "evaluate": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--prompts", "--limit",
                  "--max-new-tokens", "--seed"],
     "train": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--pairs", "--objective", "--lr",
-              "--max-steps", "--workers", "--lora", "--seed"],
+              "--max-steps", "--workers", "--lora", "--seed", "--verbose"],
     "pipeline": ["--model", "--bits", "--group-size", "--symmetric", "--out", "--answer-tokens", "--actors",
                  "--objective", "--lr", "--max-steps", "--workers", "--lora", "--seed", "--dry-run", "--verbose"],
     "serve": ["--fp", "--w4", "--bits", "--group-size", "--symmetric", "--host", "--port", "--out", "--seed"],
@@ -121,9 +121,16 @@ def format_pairs_summary(s: dict) -> str:
 
 
 def _cmd_train(cfg: RunConfig) -> int:
+    from pathlib import Path
+
+    from qdpo_ray.console import quiet_console, watch_progress
     from qdpo_ray.train.trainer import run_train
 
-    s = run_train(cfg)
+    # One line per optimizer step on the terminal; Ray's, DeepSpeed's and the workers' logs go to a file.
+    out = Path(cfg.out).resolve()
+    with quiet_console(out / "logs" / "train.log", enabled=not cfg.pipeline.verbose) as echo, \
+            watch_progress(out, echo, "[train] "):
+        s = run_train(cfg)
     f = s["final"] or {}
     print(json.dumps({"objective": s["objective"], "steps": s["steps"], "pairs": s["pairs"],
                       **{k: f.get(k) for k in ("loss", "rewards/margins", "rewards/accuracies")},

@@ -63,7 +63,8 @@ def watch_progress(out: Path, echo: Callable[[str], None], prefix: str, every_s:
 
     def loop() -> None:
         last: dict[Path, str] = {}
-        while not stop.wait(every_s):
+        while True:
+            stopped = stop.wait(every_s)  # one more pass after the stop: the last step's line too
             for f in sorted(Path(out).glob("**/progress.json")) if Path(out).exists() else []:
                 try:
                     line = json.loads(f.read_text())["line"]
@@ -72,6 +73,8 @@ def watch_progress(out: Path, echo: Callable[[str], None], prefix: str, every_s:
                 if last.get(f) != line:
                     last[f] = line
                     echo(f"{prefix}{line}")
+            if stopped:
+                return
 
     th = threading.Thread(target=loop, daemon=True)
     th.start()

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def test_child_processes_log_to_the_file_and_echo_reaches_the_terminal(tmp_path):
     script = textwrap.dedent(f"""
@@ -35,3 +37,22 @@ def test_progress_lines_are_echoed_once_each(tmp_path):
             write_progress(tmp_path, f"step {i}")
             time.sleep(0.3)
     assert lines == ["[train] step 0", "[train] step 1", "[train] step 2"]
+
+
+@pytest.mark.slow
+def test_train_command_prints_one_line_per_step(tmp_path, tiny_model_dir):
+    """`qdpo-ray train` as a user runs it: step lines and the summary on the terminal; Ray's reports,
+    DeepSpeed and the workers' start-up in <out>/logs/train.log."""
+    from conftest import synthetic_pairs
+
+    pytest.importorskip("deepspeed")
+    pairs = synthetic_pairs(tmp_path / "pairs", n=8)
+    out = tmp_path / "train"
+    cmd = [sys.executable, "-m", "qdpo_ray.cli", "train", f"--out={out}", f"--model={tiny_model_dir}",
+           f"--pairs={pairs}", "--max-steps=3", "--train.per_device_batch_size=2", "--train.warmup_steps=0",
+           "--train.checkpoint_every=3", "--train.export=false"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "[train] step 3/3" in p.stdout and '"steps": 3' in p.stdout
+    assert "RayTrainWorker" not in p.stdout + p.stderr and "TrainingReport" not in p.stdout + p.stderr
+    assert "RayTrainWorker" in (out / "logs" / "train.log").read_text()
