@@ -52,7 +52,7 @@ def _corpus_texts(spec: str) -> list[str]:
         except Exception as e:  # noqa: BLE001 - offline machines, unknown names: one clear message
             raise ConfigError(f"evaluate.perplexity_corpus={spec!r}: cannot load it ({type(e).__name__}: "
                               f"{str(e)[:200]}); offline, use mtbench or a local .txt/.jsonl file") from None
-        return [t for t in ds["text"]]
+        return list(ds["text"])
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"evaluate.perplexity_corpus={spec!r}: no such file (mtbench, hf:<dataset>[:<config>], "
@@ -71,8 +71,7 @@ def perplexity_windows(tok, spec: str, limit: int | None = None, max_len: int = 
         texts = perplexity_texts(limit)
         return ([tok(t).input_ids[:max_len] for t in texts], f"MT-Bench GPT-4 reference answers ({len(texts)})")
     ids = tok("\n\n".join(t for t in _corpus_texts(spec) if t.strip())).input_ids
-    windows = [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
-    windows = [w for w in windows if len(w) > 1][:limit] if limit else [w for w in windows if len(w) > 1]
+    windows = [w for w in (ids[i:i + max_len] for i in range(0, len(ids), max_len)) if len(w) > 1][:limit]
     return windows, f"{spec} ({len(windows)} windows of ≤ {max_len} tokens)"
 
 
