@@ -34,7 +34,7 @@ _SHORT: dict[str, tuple[str, dict]] = {
     "--answer-tokens": ("pairs.max_new_tokens", {"type": int, "help": "greedy tokens per answer"}),
     "--actors": ("pairs.engine.num_actors", {"type": int, "help": "vLLM engines per model"}),
     "--pairs": ("train.pairs", {"help": "pairs directory from generate-pairs"}),
-    "--objective": ("train.objective", {"help": "qdpo | qdpo+kd | qdpo+sft | kd | dpo_fp_ref"}),
+    "--objective": ("train.objective", {"help": "qdpo | qdpo+kd | qdpo+sft | qdpo_flips | qdpo_flips+kd | kd | dpo_fp_ref"}),
     "--lr": ("train.lr", {"type": float}),
     "--max-steps": ("train.max_steps", {"type": int}),
     "--workers": ("train.num_workers", {"type": int, "help": "Ray Train workers"}),

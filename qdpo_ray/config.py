@@ -244,12 +244,15 @@ class TrainConfig(_Section):
     """QDPO training (paper §4, eq. 5) with Ray Train + DeepSpeed; π_θ starts as π_q (STE fake-quant)."""
 
     pairs: str = Field("runs/pairs", description="Pairs directory written by `generate-pairs` (or its pairs/).")
-    objective: Literal["qdpo", "qdpo+kd", "qdpo+sft", "kd", "dpo_fp_ref"] = Field(
+    objective: Literal["qdpo", "qdpo+kd", "qdpo+sft", "qdpo_flips", "qdpo_flips+kd", "kd", "dpo_fp_ref"] = Field(
         "qdpo", description="qdpo: reference π_q (the paper); qdpo+kd: qdpo + kd_weight × KL(fp ‖ π_θ) on "
-        "the chosen tokens; qdpo+sft: qdpo + sft_weight × NLL of the chosen answer per token (RPO); kd: KL to "
+        "the chosen tokens; qdpo+sft: qdpo + sft_weight × NLL of the chosen answer per token (RPO); "
+        "qdpo_flips: eq. 5 at every token flip of the fp answer (fp token vs π_q's argmax, prefix = the fp "
+        "answer so far: the anchored L=1 pairs of all flips from one teacher-forced pass); qdpo_flips+kd: "
+        "that + kd_weight × KL on the fp answer; kd: KL to "
         "the fp teacher on the fp answers (LLM-QAT baseline); dpo_fp_ref: DPO with the fp model as "
         "reference (ablation).")
-    kd_weight: float = Field(1.0, ge=0, description="λ of the KD term of `qdpo+kd`.")
+    kd_weight: float = Field(1.0, ge=0, description="λ of the KD term of `qdpo+kd` and `qdpo_flips+kd`.")
     sft_weight: float = Field(1.0, ge=0, description="α of the NLL term of `qdpo+sft` (TRL's rpo_alpha).")
     beta: float = Field(0.1, gt=0, description="β of eq. 5.")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO/QDPO; ipo = IPO.")

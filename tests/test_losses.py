@@ -226,3 +226,31 @@ def test_sft_nll_matches_trl_sft_loss_and_weights():
     if "chosen_per_token_logps[chosen_mask.bool()].mean()" not in src and "rpo_alpha" not in src:
         pytest.skip("this trl version computes the NLL term differently; compared with the formula above only")
     assert "loss_weight" in src or "rpo_alpha" in src  # the weighted sum that mixed_loss mirrors
+
+
+# --- flip-level QDPO: eq. 5 at every token flip of a teacher-forced fp answer ---
+
+def test_flip_preference_loss_hand_computed():
+    from qdpo_ray.train.losses import flip_preference_loss
+
+    labels = torch.tensor([0, 1, 2])
+    # reference: position 0 agrees with the fp token (argmax 0), positions 1 and 2 are flips (argmax 0 and 1)
+    ref = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.5, 0.3]]))
+    pol = torch.log(torch.tensor([[0.1, 0.1, 0.8], [0.25, 0.7, 0.05], [0.2, 0.4, 0.4]])).requires_grad_()
+    out, flips = flip_preference_loss(pol, ref, labels, beta=0.5)
+    assert flips.tolist() == [False, True, True]
+    # flip 1: y=1, r=0: h = 0.5·[(log .7 − log .4) − (log .25 − log .5)];  flip 2: y=2, r=1
+    h1 = 0.5 * ((math.log(0.7) - math.log(0.4)) - (math.log(0.25) - math.log(0.5)))
+    h2 = 0.5 * ((math.log(0.4) - math.log(0.3)) - (math.log(0.4) - math.log(0.5)))
+    expect = (math.log1p(math.exp(-h1)) + math.log1p(math.exp(-h2))) / 2
+    assert out.loss.item() == pytest.approx(expect, abs=1e-6)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.5 * math.log(0.7 / 0.4), 0.5 * math.log(0.4 / 0.3)], abs=1e-6)
+    out.loss.backward()
+    assert pol.grad[0].abs().max().item() == 0  # not a flip: no preference, no gradient
+    # at step 0 (policy == reference) every flip's reward is 0 and the loss is log 2
+    zero, _ = flip_preference_loss(ref.clone(), ref, labels)
+    assert zero.loss.item() == pytest.approx(math.log(2)) and zero.chosen_rewards.abs().max().item() == 0
+    # no flip at all: a connected zero
+    none, flips = flip_preference_loss(pol, ref, torch.tensor([0, 0, 1]))
+    assert not flips.any() and none.loss.item() == 0
+    none.loss.backward()

@@ -170,3 +170,25 @@ def test_new_pairs_at_the_same_path_start_a_new_run(tmp_path, ray_local, tiny_mo
     a = run_train(_cfg(tmp_path / "o", tiny_model_dir, synthetic_pairs(tmp_path / "p", n=8, seed=0), *extra))
     b = run_train(_cfg(tmp_path / "o", tiny_model_dir, synthetic_pairs(tmp_path / "p", n=8, seed=1), *extra))
     assert a["run_name"] != b["run_name"] and b["steps"] == 2
+
+
+def test_flip_level_qdpo_with_kd_trains_and_a_round_takes_the_new_reference(tmp_path, ray_local, tiny_model_dir, pairs16):
+    """`qdpo_flips+kd` on Ray Train + DeepSpeed (2 workers): step 0 is log 2 + KD with zero rewards, the
+    flips' margins grow, and a second round (its reference the first round's π_θ, built in the workers)
+    starts at zero rewards again, on a different set of flips."""
+    from qdpo_ray.train.rounds import final_weights
+    from qdpo_ray.train.trainer import run_train
+
+    extra = ("train.objective=qdpo_flips+kd", "train.beta=0.5", "train.max_steps=6", "train.checkpoint_every=6")
+    r1 = run_train(_cfg(tmp_path / "r1", tiny_model_dir, pairs16, *extra))
+    h1 = _metrics(tmp_path / "r1")
+    assert abs(h1[0]["rewards/chosen"]) < 1e-6 and abs(h1[0]["rewards/rejected"]) < 1e-6
+    assert h1[0]["loss"] > 0.6931  # log 2 plus a positive KL
+    assert h1[-1]["rewards/margins"] > 0.1 and h1[-1]["rewards/accuracies"] > 0.5
+    assert Path(r1["export"]).name == "w4-qdpo_flips-kd"
+    run_train(_cfg(tmp_path / "r2", tiny_model_dir, pairs16, *extra[:2], "train.max_steps=1", "train.export=false"),
+              init_weights=final_weights(r1))
+    h2 = _metrics(tmp_path / "r2")[0]
+    assert abs(h2["rewards/chosen"]) < 1e-6 and abs(h2["rewards/rejected"]) < 1e-6
+    # π_θ's log-prob of the reference's argmax at the flips: round 1's π_θ has its own argmaxes
+    assert abs(h2["logps/rejected"] - h1[0]["logps/rejected"]) > 1e-3

@@ -1,5 +1,7 @@
 """Batch layout, schedules, data order and the forward/loss maths of the trainer, without Ray."""
 
+import math
+
 import pytest
 import torch
 
@@ -283,3 +285,61 @@ def test_unexportable_bits_are_refused_before_training():
     with pytest.raises(ConfigError, match=r"quant.bits=3: train.export=true writes .*set train.export=false"):
         check(load_config(None, ["quant.bits=3"]))
     check(load_config(None, ["quant.bits=3", "train.export=false"]))
+
+
+def _anchored_length1_pairs(reference, rows) -> list[dict]:
+    """What `pairs.mode: anchored` with continuation_len 1 makes at *every* flip: prompt + y[:k], chosen
+    y_k, rejected π_q's argmax there (from the reference's own teacher-forced logits)."""
+    pairs = []
+    with torch.no_grad():
+        for r in rows:
+            p, y = list(r["prompt_token_ids"]), list(r["chosen_token_ids"])
+            logits = reference(input_ids=torch.tensor([p + y])).logits[0]
+            for k in range(len(y)):
+                rk = int(logits[len(p) + k - 1].argmax())
+                if rk != y[k]:
+                    pairs.append({"prompt_token_ids": p + y[:k], "chosen_token_ids": [y[k]], "rejected_token_ids": [rk]})
+    return pairs
+
+
+def test_flip_step_equals_anchored_length1_pairs_and_starts_at_zero(tiny_llama):
+    """`qdpo_flips` scores every flip of a row from one pass; it must be the anchored L = 1 pairs of all
+    flips through plain eq. 5 (`qdpo` on those pairs), and at step 0 (π_θ = π_q) exactly log 2 with zero
+    rewards. `qdpo_flips+kd` adds λ × the `kd` step's loss."""
+    import copy
+
+    from qdpo_ray.config import QuantConfig
+    from qdpo_ray.quant.fake_quant import to_fake_quant
+    from qdpo_ray.train.batch import collate_shared
+    from qdpo_ray.train.logps import add_response_logps
+    from qdpo_ray.train.reference import add_reference_logps
+    from qdpo_ray.train.steps import kd_step, preference_micro_step, qdpo_flips_step
+
+    teacher = copy.deepcopy(tiny_llama).requires_grad_(False)
+    reference = to_fake_quant(copy.deepcopy(tiny_llama), QuantConfig(bits=4)).requires_grad_(False).eval()
+    policy = add_response_logps(to_fake_quant(copy.deepcopy(tiny_llama), QuantConfig(bits=4))).train()
+    rows = _rows(5, seed=3)
+    t = TrainConfig(objective="qdpo_flips", beta=0.5)
+
+    loss0, vals0, _ = qdpo_flips_step(policy, rows, t, reference=reference)
+    assert loss0.item() == pytest.approx(math.log(2), abs=1e-6) and abs(vals0[1]) < 1e-6 and abs(vals0[2]) < 1e-6
+
+    with torch.no_grad():  # a trained-looking π_θ: every master weight moved a little
+        g = torch.Generator().manual_seed(0)
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    loss, vals, _ = qdpo_flips_step(policy, rows, t, reference=reference)
+    pairs = _anchored_length1_pairs(reference, rows)
+    assert len(pairs) > 5
+    anchored = add_reference_logps(copy.deepcopy(reference), pairs, batch_size=len(pairs))
+    a_loss, a_vals = preference_micro_step(policy, collate_shared(anchored), t)
+    assert loss.item() == pytest.approx(a_loss.item(), abs=1e-5)
+    assert vals[1:4] == pytest.approx(a_vals[1:4], abs=1e-5)
+    assert abs(loss.item() - math.log(2)) > 1e-3  # the comparison is not between two step-0 losses
+
+    tk = TrainConfig(objective="qdpo_flips+kd", beta=0.5, kd_weight=0.3)
+    mix, _, _ = qdpo_flips_step(policy, rows, tk, teacher=teacher, reference=reference)
+    kd, _, _ = kd_step(policy, rows, tk, teacher=teacher)
+    assert mix.item() == pytest.approx(loss.item() + 0.3 * kd.item(), abs=1e-5)
+    mix.backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)

@@ -10,6 +10,10 @@ rewards β·(log π_θ − log π_ref) are what TRL logs as rewards/chosen and r
 
 Mixes (`mixed_loss`): qdpo+kd adds λ·KL(fp teacher ‖ π_θ) on the chosen tokens, qdpo+sft adds RPO's
 α·NLL of the chosen (fp) answer, as TRL's `loss_weights` / `rpo_alpha` do.
+
+Flip-level QDPO (`flip_preference_loss`): eq. 5 for every token flip of the fp answer at once — the
+anchored pairs with continuation length 1 (prompt + y[:k], chosen y_k, rejected π_q's argmax there) of
+*every* flip, scored from one teacher-forced pass over prompt + y instead of one pass per anchor.
 """
 
 from __future__ import annotations
@@ -146,6 +150,31 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; use sigmoid or ipo")
     return PreferenceLoss(per.mean(), (beta * chosen_lr).detach(), (beta * rejected_lr).detach())
+
+
+def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                         beta: float = 0.1) -> tuple[PreferenceLoss, torch.Tensor]:
+    """Eq. 5 at every flip of a teacher-forced answer: rows are response positions, [N, V] logits of π_θ
+    and of the reference (no grad), labels [N] the fp answer's tokens y_k.
+
+    A flip is a position where the reference's argmax r_k ≠ y_k. There the pair (prompt + y[:k], y_k, r_k)
+    gets −log σ(β[(log π_θ(y_k) − log π_ref(y_k)) − (log π_θ(r_k) − log π_ref(r_k))]) — exactly what
+    `preference_loss` gives the anchored pair with continuation length 1 — and the loss is the mean over
+    flips (each anchored pair weighs the same, as DPO's mean over pairs). Positions that are not flips
+    carry no preference. Returns the loss (a connected 0 when there is no flip) with per-flip rewards,
+    and the flip mask [N].
+    """
+    ref = ref_logits.detach().float()
+    rejected = ref.argmax(-1)
+    flips = rejected != labels
+    pol = policy_logits[flips].float().log_softmax(-1)
+    ref = ref[flips].log_softmax(-1)
+    y, r = labels[flips].unsqueeze(-1), rejected[flips].unsqueeze(-1)
+    chosen_lr = (pol.gather(-1, y) - ref.gather(-1, y)).squeeze(-1)
+    rejected_lr = (pol.gather(-1, r) - ref.gather(-1, r)).squeeze(-1)
+    per = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
+    loss = per.mean() if per.numel() else 0 * policy_logits.float().sum()
+    return PreferenceLoss(loss, (beta * chosen_lr).detach(), (beta * rejected_lr).detach()), flips
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,22 @@ def reference_model(fp_model, cfg):
     return to_fake_quant(copy.deepcopy(fp_model), cfg.quant)
 
 
+def load_reference(cfg, init_weights: dict[str, torch.Tensor] | None = None, device="cpu"):
+    """π_ref on its own, frozen: loaded as the policy is (`worker.build_policy`: fp32, SDPA), from an
+    on-policy round's weights when given (the reference is the previous round's π_θ), then
+    `reference_model` in the dtype DeepSpeed gives the policy (`train.precision`), so that step-0 rewards
+    are 0 in bf16 too."""
+    from qdpo_ray.models import load_model
+
+    fp = load_model(cfg.model, dtype="float32", attn_implementation="sdpa")
+    if init_weights is not None and cfg.train.objective != "dpo_fp_ref":
+        fp.load_state_dict(init_weights, strict=False)
+    model = reference_model(fp, cfg)
+    del fp
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
 @torch.no_grad()
 def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The same response-only forward (`logps.response_logps`) the training step runs."""
@@ -60,17 +76,10 @@ class ReferenceScorer:
         import ray
 
         from qdpo_ray.config import RunConfig
-        from qdpo_ray.models import load_model
 
         cfg = RunConfig.model_validate(cfg_json)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # the dtype DeepSpeed gives the policy (`train.precision`), so that step-0 rewards are 0 in bf16 too
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        fp = load_model(cfg.model, dtype="float32", attn_implementation="sdpa")  # as the policy (worker.build_policy)
-        if init_weights is not None and cfg.train.objective != "dpo_fp_ref":
-            # an on-policy round: the reference is the previous round's π_θ (its master weights, fake-quant)
-            fp.load_state_dict(ray.get(init_weights), strict=False)
-        self.model = reference_model(fp, cfg).to(device=device, dtype=dtype)
+        self.model = load_reference(cfg, None if init_weights is None else ray.get(init_weights), device)
         self.micro = cfg.train.per_device_batch_size
         self.pad_id = pad_id
 

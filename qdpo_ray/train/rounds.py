@@ -8,6 +8,8 @@ regenerates pairs with the `prompts` and `pairs` sections (the quantized engine 
 export; anchored pairs find their flips on it too) into `out/round-r/pairs`, and trains into
 `out/round-r`, starting from round r-1's master weights with round r-1's fake-quant model as the
 reference — so its step-0 rewards are 0 again. Every round is resumable as its stages are.
+Objectives that never read y_l (`qdpo_flips`, `kd`) skip the regeneration: round r trains on the same
+fp answers, and round r-1's model as the reference decides which of their tokens are still flips.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def run_rounds(cfg: RunConfig) -> dict[str, Any]:
     """`train.rounds` rounds; returns the last round's summary with every round's in `rounds`."""
     from qdpo_ray.generate.pairs import run_pairs
     from qdpo_ray.io import atomic_write_json
+    from qdpo_ray.train.steps import OBJECTIVES
     from qdpo_ray.train.trainer import run_train
 
     out = Path(cfg.out)
@@ -46,11 +49,16 @@ def run_rounds(cfg: RunConfig) -> dict[str, Any]:
             raise RuntimeError("train.rounds > 1 regenerates pairs with the previous round's W4 export; "
                                "set train.export=true")
         rdir = out / f"round-{r}"
-        pairs = run_pairs(_derive(cfg, out=str(rdir / "pairs"), pairs={"w4_dir": summary["export"], "overwrite": True}))
-        summary = run_train(_derive(cfg, out=str(rdir), train={"pairs": str(rdir / "pairs")}),
+        kept = None
+        if OBJECTIVES[cfg.train.objective].rejected:
+            pairs = run_pairs(_derive(cfg, out=str(rdir / "pairs"), pairs={"w4_dir": summary["export"], "overwrite": True}))
+            pairs_dir, kept = str(rdir / "pairs"), pairs["pairs_kept"]
+        else:  # token-level objectives read only y_w; the new reference's flips are found in training
+            pairs_dir = cfg.train.pairs
+        summary = run_train(_derive(cfg, out=str(rdir), train={"pairs": pairs_dir}),
                             init_weights=final_weights(summary))
         rounds.append({"round": r, "out": str(rdir), "export": summary.get("export"), "final": summary["final"],
-                       "codes_moved": summary.get("codes_moved"), "pairs_kept": pairs["pairs_kept"]})
+                       "codes_moved": summary.get("codes_moved"), "pairs_kept": kept})
     summary = {**summary, "rounds": rounds}
     atomic_write_json(out / "summary.json", summary)
     return summary

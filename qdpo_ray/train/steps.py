@@ -7,6 +7,7 @@ model. `policy` is the (DeepSpeed-wrapped or plain) π_θ with the response-log-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,21 +39,29 @@ def _values(loss: torch.Tensor, pl, lp: torch.Tensor, n: int) -> list[float]:
             lp[:n].mean().item(), lp[n:].mean().item()]
 
 
-def _kd_on_chosen(policy, teacher, rows, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean per-token KL(teacher ‖ π_θ) over the chosen (fp) answers' positions; also their log-probs."""
+def _chosen_forward(policy, rows, pad_id: int, device, *frozen):
+    """π_θ's logits over the chosen (fp) answers, teacher-forced, and those of each frozen model (no
+    grad); the batch (`collate`, chosen only) gives labels and the response mask."""
     from qdpo_ray.train.batch import collate
-    from qdpo_ray.train.losses import kd_loss, sequence_logps
 
     b = {k: v.to(device) for k, v in collate(rows, pad_id, rejected=False).items()}
     logits = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
     with torch.no_grad():
-        tl = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        others = [m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1] for m in frozen]
+    return b, logits, others
+
+
+def _kd_on_chosen(policy, teacher, rows, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean per-token KL(teacher ‖ π_θ) over the chosen (fp) answers' positions; also their log-probs."""
+    from qdpo_ray.train.losses import kd_loss, sequence_logps
+
+    b, logits, (tl,) = _chosen_forward(policy, rows, pad_id, device, teacher)
     loss = kd_loss(logits, tl, b["mask"])
     lp = sequence_logps(logits.detach(), b["labels"], b["mask"]).double()
     return loss, lp, b["attention_mask"].sum()
 
 
-def qdpo_step(policy, rows, t, pad_id: int = 0, teacher=None):
+def qdpo_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
     """Eq. 5 (or IPO/cDPO) against the precomputed reference, prompt-shared rows (`collate_shared`)."""
     from qdpo_ray.train.batch import collate_shared
 
@@ -61,7 +70,7 @@ def qdpo_step(policy, rows, t, pad_id: int = 0, teacher=None):
     return pl.loss, _values(pl.loss, pl, lp, n), float(b["tokens"])
 
 
-def qdpo_sft_step(policy, rows, t, pad_id: int = 0, teacher=None):
+def qdpo_sft_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
     """QDPO + α·NLL of the chosen (fp) answer, per token (RPO; TRL's `rpo_alpha`): holds y_w's likelihood
     up while the preference term pushes y_l down."""
     from qdpo_ray.train.batch import collate_shared
@@ -73,7 +82,7 @@ def qdpo_sft_step(policy, rows, t, pad_id: int = 0, teacher=None):
     return loss, _values(loss, pl, lp, n), float(b["tokens"])
 
 
-def qdpo_kd_step(policy, rows, t, pad_id: int = 0, teacher=None):
+def qdpo_kd_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
     """QDPO + λ·KL(fp ‖ π_θ) on the chosen answers' tokens (TRL `loss_weights` style): every flipped
     position of y_w gets a gradient toward the fp distribution, not only those the margin still needs."""
     from qdpo_ray.train.batch import collate_shared
@@ -87,19 +96,53 @@ def qdpo_kd_step(policy, rows, t, pad_id: int = 0, teacher=None):
     return loss, _values(loss, pl, lp, n), float(b["tokens"])
 
 
-def kd_step(policy, rows, t, pad_id: int = 0, teacher=None):
+def kd_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
     """KD baseline (LLM-QAT style): KL to the fp teacher on the fp answers only."""
     loss, lp, tokens = _kd_on_chosen(policy, teacher, rows, pad_id, _device(policy))
     return loss, [loss.item(), 0.0, 0.0, 0.0, 0.0, lp.mean().item(), 0.0], float(tokens)
 
 
-# objective → (micro-step, needs the fp teacher in memory, needs reference log-probs)
-OBJECTIVES: dict[str, tuple[Callable, bool, bool]] = {
-    "qdpo": (qdpo_step, False, True),
-    "dpo_fp_ref": (qdpo_step, False, True),
-    "qdpo+sft": (qdpo_sft_step, False, True),
-    "qdpo+kd": (qdpo_kd_step, True, True),
-    "kd": (kd_step, True, False),
+def qdpo_flips_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
+    """Flip-level QDPO (`losses.flip_preference_loss`): eq. 5 at every position of the fp answer where the
+    reference π_q's argmax differs, from one teacher-forced pass of π_θ and of π_q over prompt + y_w
+    (the anchored L = 1 pairs of every flip at once; the rejected answers are not read). With
+    `t.kd_weight` > 0 (objective `qdpo_flips+kd`) plus λ·KL(fp ‖ π_θ) on all of y_w, from the same pass."""
+    from qdpo_ray.train.losses import flip_preference_loss, kd_loss, mixed_loss
+
+    frozen = (reference, teacher) if t.objective == "qdpo_flips+kd" else (reference,)
+    b, logits, others = _chosen_forward(policy, rows, pad_id, _device(policy), *frozen)
+    sel = b["mask"].bool()
+    pl, flips = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta)
+    kd = kd_loss(logits, others[1], b["mask"]) if len(others) > 1 else None
+    loss = mixed_loss(pl, kd=kd, kd_weight=t.kd_weight if kd is not None else 0.0)
+    # per flip (TRL's names, token-level): implicit rewards, and π_θ's log-probs of y_k and of π_q's r_k
+    with torch.no_grad():
+        pol = logits[sel][flips].float().log_softmax(-1)
+        y, r = b["labels"][sel][flips], others[0][sel][flips].argmax(-1)
+        lp_y, lp_r = pol.gather(-1, y.unsqueeze(-1)), pol.gather(-1, r.unsqueeze(-1))
+    margins = pl.chosen_rewards - pl.rejected_rewards
+    mean = (lambda x: x.double().mean().item() if x.numel() else 0.0)
+    return loss, [loss.item(), mean(pl.chosen_rewards), mean(pl.rejected_rewards), mean(margins),
+                  mean(margins > 0), mean(lp_y), mean(lp_r)], float(b["attention_mask"].sum())
+
+
+@dataclass(frozen=True)
+class Objective:
+    step: Callable              # the micro-step
+    teacher: bool = False       # the fp model in every worker's memory (KD terms)
+    reference_logps: bool = False  # sequence log-probs of π_ref precomputed per pair (`reference.py`)
+    reference_model: bool = False  # π_ref itself in every worker's memory (token-level terms)
+    rejected: bool = True       # reads the rejected answers (pairs without one are dropped)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "qdpo": Objective(qdpo_step, reference_logps=True),
+    "dpo_fp_ref": Objective(qdpo_step, reference_logps=True),
+    "qdpo+sft": Objective(qdpo_sft_step, reference_logps=True),
+    "qdpo+kd": Objective(qdpo_kd_step, teacher=True, reference_logps=True),
+    "qdpo_flips": Objective(qdpo_flips_step, reference_model=True, rejected=False),
+    "qdpo_flips+kd": Objective(qdpo_flips_step, teacher=True, reference_model=True, rejected=False),
+    "kd": Objective(kd_step, teacher=True, rejected=False),
 }
 
 

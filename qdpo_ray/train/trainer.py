@@ -41,7 +41,7 @@ def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
 
     rows = load_pairs(cfg.train.pairs)
     rows = [truncate(r, cfg.train.max_prompt_len, cfg.train.max_response_len) for r in rows]
-    rows = [r for r in rows if r["chosen_token_ids"] and (cfg.train.objective == "kd" or r["rejected_token_ids"])]
+    rows = [r for r in rows if r["chosen_token_ids"] and (r["rejected_token_ids"] or not OBJECTIVES[cfg.train.objective].rejected)]
     need = cfg.train.per_device_batch_size * cfg.train.grad_accum * cfg.train.num_workers
     if len(rows) < need:
         raise ConfigError(f"train.pairs={cfg.train.pairs!r} has {len(rows)} usable pairs but one optimizer step "
@@ -81,7 +81,7 @@ def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path, pad_id
     from qdpo_ray.io import atomic_path
     from qdpo_ray.train.reference import score_on_ray
 
-    if not OBJECTIVES[cfg.train.objective][2]:
+    if not OBJECTIVES[cfg.train.objective].reference_logps:
         return rows
     key = reference_key(cfg, pairs_digest(rows), init_digest)
     cache = out / "reference.parquet"

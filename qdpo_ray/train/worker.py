@@ -161,9 +161,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     init = ray.get(config["init_weights"]) if config.get("init_weights") is not None else None
     model = build_policy(cfg, init).train()
-    micro_step, needs_teacher, _ = OBJECTIVES[t.objective]
-    teacher = None
-    if needs_teacher:
+    objective = OBJECTIVES[t.objective]
+    teacher = reference = None
+    if objective.teacher:
         from qdpo_ray.models import load_model
 
         teacher = load_model(cfg.model, dtype="float32").requires_grad_(False)
@@ -174,6 +174,10 @@ def train_loop(config: dict[str, Any]) -> None:
     device = engine.device
     if teacher is not None:
         teacher.to(device)
+    if objective.reference_model:
+        from qdpo_ray.train.reference import load_reference
+
+        reference = load_reference(cfg, init, device)
     pad = int(config.get("pad_id", 0))
 
     step, history = 0, []
@@ -190,7 +194,7 @@ def train_loop(config: dict[str, Any]) -> None:
         t0 = time.time()
         sums = [0.0] * (len(METRICS) + 1)
         for mb in micro:
-            loss, vals, tokens = micro_step(engine, mb, t, pad, teacher)
+            loss, vals, tokens = objective.step(engine, mb, t, pad, teacher, reference)
             engine.backward(loss.float())
             engine.step()
             del loss
