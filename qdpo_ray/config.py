@@ -253,6 +253,9 @@ class TrainConfig(_Section):
         "the fp teacher on the fp answers (LLM-QAT baseline); dpo_fp_ref: DPO with the fp model as "
         "reference (ablation).")
     kd_weight: float = Field(1.0, ge=0, description="λ of the KD term of `qdpo+kd` and `qdpo_flips+kd`.")
+    flip_margin: float = Field(0.0, ge=0, description="`qdpo_flips`: positions whose π_q margin (log-prob of the fp "
+                               "token minus that of π_q's strongest other token) is below this get a pair; 0 = the "
+                               "flips only, > 0 adds near-flips.")
     sft_weight: float = Field(1.0, ge=0, description="α of the NLL term of `qdpo+sft` (TRL's rpo_alpha).")
     beta: float = Field(0.1, gt=0, description="β of eq. 5.")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO/QDPO; ipo = IPO.")

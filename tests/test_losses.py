@@ -250,6 +250,11 @@ def test_flip_preference_loss_hand_computed():
     # at step 0 (policy == reference) every flip's reward is 0 and the loss is log 2
     zero, _ = flip_preference_loss(ref.clone(), ref, labels)
     assert zero.loss.item() == pytest.approx(math.log(2)) and zero.chosen_rewards.abs().max().item() == 0
+    # a margin adds near-flips: position 0's fp token wins by log(0.6/0.3) = 0.69 < 1, against token 1
+    near, pairs = flip_preference_loss(pol, ref, labels, beta=0.5, margin=1.0)
+    assert pairs.tolist() == [True, True, True]
+    h0 = 0.5 * ((math.log(0.1) - math.log(0.6)) - (math.log(0.1) - math.log(0.3)))
+    assert near.loss.item() == pytest.approx((math.log1p(math.exp(-h0)) + 2 * expect) / 3, abs=1e-6)
     # no flip at all: a connected zero
     none, flips = flip_preference_loss(pol, ref, torch.tensor([0, 0, 1]))
     assert not flips.any() and none.loss.item() == 0

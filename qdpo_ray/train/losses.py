@@ -153,28 +153,31 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 
 
 def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
-                         beta: float = 0.1) -> tuple[PreferenceLoss, torch.Tensor]:
+                         beta: float = 0.1, margin: float = 0.0) -> tuple[PreferenceLoss, torch.Tensor]:
     """Eq. 5 at every flip of a teacher-forced answer: rows are response positions, [N, V] logits of π_θ
     and of the reference (no grad), labels [N] the fp answer's tokens y_k.
 
-    A flip is a position where the reference's argmax r_k ≠ y_k. There the pair (prompt + y[:k], y_k, r_k)
-    gets −log σ(β[(log π_θ(y_k) − log π_ref(y_k)) − (log π_θ(r_k) − log π_ref(r_k))]) — exactly what
-    `preference_loss` gives the anchored pair with continuation length 1 — and the loss is the mean over
-    flips (each anchored pair weighs the same, as DPO's mean over pairs). Positions that are not flips
-    carry no preference. Returns the loss (a connected 0 when there is no flip) with per-flip rewards,
-    and the flip mask [N].
+    At each position the rejected token r_k is the reference's strongest token other than y_k; a position
+    gets a pair when the reference's margin log π_ref(y_k) − log π_ref(r_k) is below `margin`. With the
+    default 0 those are exactly the flips (π_ref's argmax r_k ≠ y_k); a positive `margin` adds the near-flips
+    whose fp token wins by less, which training could flip. Each pair (prompt + y[:k], y_k, r_k) gets
+    −log σ(β[(log π_θ(y_k) − log π_ref(y_k)) − (log π_θ(r_k) − log π_ref(r_k))]) — what `preference_loss`
+    gives the anchored pair with continuation length 1 — and the loss is their mean (each anchored pair
+    weighs the same, as DPO's mean over pairs). Returns the loss (a connected 0 when no position
+    qualifies) with per-pair rewards, and the mask [N] of positions that got a pair.
     """
-    ref = ref_logits.detach().float()
-    rejected = ref.argmax(-1)
-    flips = rejected != labels
-    pol = policy_logits[flips].float().log_softmax(-1)
-    ref = ref[flips].log_softmax(-1)
-    y, r = labels[flips].unsqueeze(-1), rejected[flips].unsqueeze(-1)
+    ref = ref_logits.detach().float().log_softmax(-1)
+    y = labels.unsqueeze(-1)
+    rejected = ref.scatter(-1, y, float("-inf")).argmax(-1, keepdim=True)
+    ref_margin = (ref.gather(-1, y) - ref.gather(-1, rejected)).squeeze(-1)
+    pairs = ref_margin < margin
+    pol = policy_logits[pairs].float().log_softmax(-1)
+    y, r, ref = y[pairs], rejected[pairs], ref[pairs]
     chosen_lr = (pol.gather(-1, y) - ref.gather(-1, y)).squeeze(-1)
     rejected_lr = (pol.gather(-1, r) - ref.gather(-1, r)).squeeze(-1)
     per = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
     loss = per.mean() if per.numel() else 0 * policy_logits.float().sum()
-    return PreferenceLoss(loss, (beta * chosen_lr).detach(), (beta * rejected_lr).detach()), flips
+    return PreferenceLoss(loss, (beta * chosen_lr).detach(), (beta * rejected_lr).detach()), pairs
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

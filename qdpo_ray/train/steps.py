@@ -112,14 +112,15 @@ def qdpo_flips_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=No
     frozen = (reference, teacher) if t.objective == "qdpo_flips+kd" else (reference,)
     b, logits, others = _chosen_forward(policy, rows, pad_id, _device(policy), *frozen)
     sel = b["mask"].bool()
-    pl, flips = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta)
+    pl, flips = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta, t.flip_margin)
     kd = kd_loss(logits, others[1], b["mask"]) if len(others) > 1 else None
     loss = mixed_loss(pl, kd=kd, kd_weight=t.kd_weight if kd is not None else 0.0)
     # per flip (TRL's names, token-level): implicit rewards, and π_θ's log-probs of y_k and of π_q's r_k
     with torch.no_grad():
         pol = logits[sel][flips].float().log_softmax(-1)
-        y, r = b["labels"][sel][flips], others[0][sel][flips].argmax(-1)
-        lp_y, lp_r = pol.gather(-1, y.unsqueeze(-1)), pol.gather(-1, r.unsqueeze(-1))
+        y = b["labels"][sel][flips].unsqueeze(-1)
+        r = others[0][sel][flips].float().scatter(-1, y, float("-inf")).argmax(-1, keepdim=True)
+        lp_y, lp_r = pol.gather(-1, y), pol.gather(-1, r)
     margins = pl.chosen_rewards - pl.rejected_rewards
     mean = (lambda x: x.double().mean().item() if x.numel() else 0.0)
     return loss, [loss.item(), mean(pl.chosen_rewards), mean(pl.rejected_rewards), mean(margins),
