@@ -266,6 +266,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up (optimizer steps).")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warm-up.")
     epochs: int = Field(1, ge=1, description="Passes over the pairs (ignored when max_steps is set).")
+    init_from: str | None = Field(None, description="A quantized checkpoint (e.g. `qdpo-ray ptq` AWQ/GPTQ) to start "
+                                  "from instead of RTN of the fp model: π_θ and π_q start at its de-quantized weights, on "
+                                  "its own grid (paper Table 3, AWQ+QDPO); KD teachers and chosen answers stay the fp model's.")
     rounds: int = Field(1, ge=1, description="On-policy rounds: round r ≥ 2 regenerates the rejected answers "
                         "with round r-1's W4 export (prompts and pairs sections) and trains on from its weights "
                         "with it as the reference (qdpo_ray/train/rounds.py).")

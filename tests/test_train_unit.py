@@ -1,6 +1,7 @@
 """Batch layout, schedules, data order and the forward/loss maths of the trainer, without Ray."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,3 +344,51 @@ def test_flip_step_equals_anchored_length1_pairs_and_starts_at_zero(tiny_llama):
     assert mix.item() == pytest.approx(loss.item() + 0.3 * kd.item(), abs=1e-5)
     mix.backward()
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+
+
+def test_start_from_a_quantized_checkpoint_keeps_its_own_grid(tmp_path, tiny_model_dir):
+    """train.init_from (AWQ+QDPO, paper Table 3): π_θ and π_q start as the checkpoint's model exactly, on its
+    own scales and zero points — min-max RTN of its de-quantized weights would be another model — and an
+    untrained export packs the same integers back."""
+    from safetensors.torch import load_file
+
+    from qdpo_ray.config import load_config
+    from qdpo_ray.models import load_model, load_tokenizer
+    from qdpo_ray.quant.export import export_packed
+    from qdpo_ray.quant.fake_quant import FakeQuantLinear, checkpoint_grid, quantize_model_rtn, to_fake_quant
+    from qdpo_ray.quant.rtn import compute_qparams
+    from qdpo_ray.train.export import export_trained
+    from qdpo_ray.train.reference import load_reference
+    from qdpo_ray.train.trainer import codes_moved, start_weights
+    from qdpo_ray.train.worker import build_policy
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"train.init_from={tmp_path / 'ckpt'}",
+                             "train.objective=qdpo_flips"])
+    tok = load_tokenizer(cfg.model)
+    # a checkpoint on a non-min-max grid, as AWQ/GPTQ write (their scales come from a search, not min-max)
+    m = to_fake_quant(load_model(tiny_model_dir, dtype="float32"), cfg.quant)
+    for mod in m.modules():
+        if isinstance(mod, FakeQuantLinear):
+            s, z = compute_qparams(mod.weight.detach(), mod.spec)
+            mod.frozen_scale, mod.frozen_zero = s * 1.25, z
+    export_packed(m, tok, cfg.quant, tmp_path / "ckpt")
+
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        ckpt = load_model(str(tmp_path / "ckpt"), dtype="float32")(input_ids=x).logits
+        weights = start_weights(str(tmp_path / "ckpt"))
+        assert len(checkpoint_grid(weights)) == 14  # 2 layers × 7 Linears
+        policy, reference = build_policy(cfg, weights).eval(), load_reference(cfg, weights)
+        deq = load_model(str(tmp_path / "ckpt"), dtype="float32").state_dict()
+        for model in (policy, reference):
+            fq = {n: mod.quantized_weight() for n, mod in model.named_modules() if isinstance(mod, FakeQuantLinear)}
+            assert len(fq) == 14 and max((fq[n] - deq[n + ".weight"]).abs().max().item() for n in fq) < 1e-6
+            assert torch.allclose(model(input_ids=x).logits, ckpt, atol=1e-5)
+        rtn_again = quantize_model_rtn(load_model(str(tmp_path / "ckpt"), dtype="float32"), cfg.quant)
+        assert (rtn_again(input_ids=x).logits - ckpt).abs().max() > 1e-3
+    master = {k: v for k, v in weights.items() if not k.endswith((".weight_scale", ".weight_zero_point", ".weight_shape"))}
+    assert codes_moved(cfg, master, weights) == 0
+    info = export_trained(cfg, master, tmp_path / "out", tok, weights)
+    a, b = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(str(Path(info["export"]) / "model.safetensors"))
+    packed = [k for k in a if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point"))]
+    assert len(packed) == 42 and all(torch.equal(a[k], b[k]) for k in packed)

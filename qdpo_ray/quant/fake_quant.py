@@ -141,6 +141,38 @@ def to_fake_quant(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
+# What a compressed-tensors checkpoint's state dict holds per quantized Linear beside its weight.
+GRID_SUFFIXES = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+
+
+def checkpoint_grid(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer name → (scale, integer zero point) of a quantized checkpoint's state dict (compressed-tensors
+    names, as `models.load_model` of an AWQ/GPTQ/RTN checkpoint returns it); {} for a plain one."""
+    grid = {}
+    for key, scale in weights.items():
+        if key.endswith(".weight_scale"):
+            name = key.removesuffix(".weight_scale")
+            zero = weights.get(name + ".weight_zero_point")
+            grid[name] = (scale.float(), torch.zeros_like(scale, dtype=torch.float32) if zero is None else zero.float())
+    return grid
+
+
+def freeze_grid(model: nn.Module, grid: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Fix every FakeQuantLinear named in `grid` to that scale and zero point (a checkpoint's own grid,
+    e.g. AWQ's, which min-max RTN of its de-quantized weights would not reproduce)."""
+    from qdpo_ray.config import ConfigError
+
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantLinear) and name in grid:
+            scale, zero = grid[name]
+            want = compute_qparams(m.weight.detach()[:1].float(), m.spec)[0].shape[1:]
+            if scale.shape != (m.out_features, *want):
+                raise ConfigError(f"the starting checkpoint's grid of {name} has shape {tuple(scale.shape)}, but "
+                                  f"quant (bits={m.spec.bits}, group_size={m.spec.group_size}) makes "
+                                  f"{(m.out_features, *want)}; set the quant section to the checkpoint's scheme")
+            m.frozen_scale, m.frozen_zero = scale.to(m.weight.device), zero.to(m.weight.device)
+
+
 def from_fake_quant(model: nn.Module) -> nn.Module:
     """Undo `to_fake_quant`: plain nn.Linear modules holding the (unquantized) master weights."""
     for name, module in list(model.named_modules()):

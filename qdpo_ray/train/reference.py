@@ -38,9 +38,13 @@ def load_reference(cfg, init_weights: dict[str, torch.Tensor] | None = None, dev
 
     fp = load_model(cfg.model, dtype="float32", attn_implementation="sdpa")
     if init_weights is not None and cfg.train.objective != "dpo_fp_ref":
-        fp.load_state_dict(init_weights, strict=False)
+        fp.load_state_dict(init_weights, strict=False)  # a checkpoint's grid tensors are read below
     model = reference_model(fp, cfg)
     del fp
+    if cfg.train.objective != "dpo_fp_ref":
+        from qdpo_ray.quant.fake_quant import checkpoint_grid, freeze_grid
+
+        freeze_grid(model, checkpoint_grid(init_weights or {}))  # as `worker.build_policy` does
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 

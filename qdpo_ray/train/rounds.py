@@ -55,8 +55,13 @@ def run_rounds(cfg: RunConfig) -> dict[str, Any]:
             pairs_dir, kept = str(rdir / "pairs"), pairs["pairs_kept"]
         else:  # token-level objectives read only y_w; the new reference's flips are found in training
             pairs_dir = cfg.train.pairs
-        summary = run_train(_derive(cfg, out=str(rdir), train={"pairs": pairs_dir}),
-                            init_weights=final_weights(summary))
+        weights = final_weights(summary)
+        if cfg.train.init_from:  # the starting checkpoint's grid stays the grid of every round
+            from qdpo_ray.quant.fake_quant import GRID_SUFFIXES
+            from qdpo_ray.train.trainer import start_weights
+
+            weights.update({k: v for k, v in start_weights(cfg.train.init_from).items() if k.endswith(GRID_SUFFIXES)})
+        summary = run_train(_derive(cfg, out=str(rdir), train={"pairs": pairs_dir}), init_weights=weights)
         rounds.append({"round": r, "out": str(rdir), "export": summary.get("export"), "final": summary["final"],
                        "codes_moved": summary.get("codes_moved"), "pairs_kept": kept})
     summary = {**summary, "rounds": rounds}

@@ -33,6 +33,20 @@ def check(cfg: RunConfig) -> None:
     if cfg.train.export:
         require_packable(cfg.quant.bits, needs="train.export=true writes",
                          hint="set train.export=false to keep only the training checkpoint, or quant.bits=4 or 8")
+    if cfg.train.init_from:
+        from qdpo_ray.quant.export import check_quantized_dir
+
+        check_quantized_dir(cfg.train.init_from, "train.init_from")
+        if cfg.train.lora.enabled:
+            raise ConfigError("train.init_from starts full fake-quant training from a quantized checkpoint; LoRA "
+                              "trains on an RTN base: set train.lora.enabled=false or drop train.init_from")
+
+
+def start_weights(path: str) -> dict[str, torch.Tensor]:
+    """A quantized checkpoint's de-quantized weights with its grid tensors (`fake_quant.checkpoint_grid`)."""
+    from qdpo_ray.models import load_model
+
+    return {k: v.detach().clone() for k, v in load_model(path, dtype="float32").state_dict().items()}
 
 
 def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -113,6 +127,8 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
 
     check(cfg)
     t = cfg.train
+    if init_weights is None and t.init_from:
+        init_weights = start_weights(t.init_from)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = prepare_pairs(cfg)
@@ -178,19 +194,20 @@ def codes_moved(cfg: RunConfig, weights: dict[str, torch.Tensor],
     if not cfg.quant.enabled or cfg.train.lora.enabled:
         return None
     from qdpo_ray.models import load_model
-    from qdpo_ray.quant.fake_quant import quant_targets
+    from qdpo_ray.quant.fake_quant import checkpoint_grid, quant_targets
     from qdpo_ray.quant.rtn import QuantSpec, compute_qparams, quantize
 
     start = load_model(cfg.model, dtype="float32")
     if init_weights is not None:
         start.load_state_dict(init_weights, strict=False)
+    grid = checkpoint_grid(init_weights or {})
     spec = QuantSpec.from_config(cfg.quant)
     moved = total = 0
     for name, module in quant_targets(start, cfg.quant.targets, cfg.quant.ignore):
         w0 = module.weight.detach().float()
         w1 = weights[f"{name}.weight"].float()
-        s0, z0 = compute_qparams(w0, spec)
-        if cfg.quant.freeze_qparams:
+        s0, z0 = grid.get(name) or compute_qparams(w0, spec)
+        if cfg.quant.freeze_qparams or name in grid:
             s1, z1 = s0, z0
         else:
             s1, z1 = compute_qparams(w1, spec)

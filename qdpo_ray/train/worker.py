@@ -69,7 +69,7 @@ def build_policy(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = 
     quantization grid is taken, so a frozen grid (`quant.freeze_qparams`) is that of the starting point.
     """
     from qdpo_ray.models import load_model
-    from qdpo_ray.quant.fake_quant import quantize_model_rtn, to_fake_quant
+    from qdpo_ray.quant.fake_quant import checkpoint_grid, freeze_grid, quantize_model_rtn, to_fake_quant
     from qdpo_ray.train.checkpointing import enable_selective_checkpointing
     from qdpo_ray.train.logps import add_response_logps
 
@@ -85,6 +85,8 @@ def build_policy(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = 
         model = quantize_model_rtn(model, cfg.quant)
     else:
         model = to_fake_quant(model, cfg.quant)
+        # a quantized starting checkpoint (train.init_from: AWQ, GPTQ) keeps its own grid, so step 0 is it
+        freeze_grid(model, checkpoint_grid(init_weights or {}))
     add_response_logps(model)  # before peft wraps it (peft passes the extra forward arguments through)
     enable_selective_checkpointing(model)  # in train mode only
     if cfg.train.lora.enabled:
@@ -99,7 +101,11 @@ def build_policy(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = 
 
 
 def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict (tied lm_head may be absent); anything else missing is an error."""
+    """Load a full state dict (tied lm_head may be absent; a quantized checkpoint's grid tensors are
+    skipped, `fake_quant.checkpoint_grid` reads them); anything else missing is an error."""
+    from qdpo_ray.quant.fake_quant import GRID_SUFFIXES
+
+    weights = {k: v for k, v in weights.items() if not k.endswith(GRID_SUFFIXES)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
