@@ -377,26 +377,30 @@ def test_real_pipeline_then_everything_skipped(tmp_path, embedded_model_dir):
     proc = subprocess.run([sys.executable, "-m", "qdpo_ray.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert f"qdpo-ray serve --fp smollm2-135m --w4 {out.resolve()}/train/w4-qdpo" in proc.stdout
+    objective = load_config(REPO / "configs" / "default.yaml").train.objective
+    trained = objective.replace("+", "-")  # the export's label: w4-qdpo_flips-kd → qdpo_flips-kd
+    assert f"qdpo-ray serve --fp smollm2-135m --w4 {out.resolve()}/train/w4-{trained}" in proc.stdout
 
     rep = out / "report"
     for f in ("README.md", "results.json", "margins.png", "training.png", "comparison.png", "comparison_table.png"):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
     res = json.loads((rep / "results.json").read_text())
     models = res["evaluate"]["models"]
-    assert list(models) == ["fp", "rtn", "qdpo"]
+    assert list(models) == ["fp", "rtn", trained]
     assert models["fp"]["flip_rate"] == 0.0 and models["fp"]["rouge_l"] == pytest.approx(1.0)
-    for label in ("rtn", "qdpo"):
+    for label in ("rtn", trained):
         m = models[label]
         assert 0.0 < m["flip_rate"] < 1.0 and 0.0 <= m["rouge_l"] <= 1.0 and 0.0 <= m["exact_match"] <= 1.0
         assert 1.0 < m["perplexity"] < 1e4 and math.isfinite(m["perplexity"])
     assert res["evaluate"]["n_prompts"] == 8 and res["flips"]["n_prompts"] == 8 and res["flips"]["n_tokens"] > 0
     assert res["pairs"]["pairs_generated"] == 8 and res["train"]["steps"] == 2
-    assert res["train"]["first"]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # π_θ ≡ π_q at step 1
+    first = res["train"]["first"]  # π_θ ≡ π_q at step 1: zero rewards, and eq. 5 is log 2 (plus any KD term)
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3) if objective == "qdpo" else first["loss"] > math.log(2)
     assert set(res["stage_wall_s"]) == {"quantize", "flips", "pairs", "train", "evaluate"}
     readme = (rep / "README.md").read_text()
-    assert "| rtn |" in readme and "| qdpo |" in readme and "qdpo-ray serve" in readme
-    assert Path(models["qdpo"]["model"], "config.json").is_file()
+    assert "| rtn |" in readme and f"| {trained} |" in readme and "qdpo-ray serve" in readme
+    assert Path(models[trained]["model"], "config.json").is_file()
 
     # The same command again: every stage is skipped, nothing is loaded, no Ray is started.
     from qdpo_ray.cli import resolve
