@@ -424,7 +424,7 @@ class ServeConfig(_Section):
         return self
 
 
-PIPELINE_STAGES = ("quantize", "flips", "pairs", "train", "evaluate", "report")
+PIPELINE_STAGES = ("quantize", "ptq", "flips", "pairs", "train", "evaluate", "report")
 
 
 class TrainPromptsConfig(PromptsConfig):
@@ -441,10 +441,16 @@ class PipelineConfig(_Section):
     """`qdpo-ray pipeline`: which stages run and which prompts each reads. The pipeline takes its prompts
     from here, never from the top-level `prompts` section, so training and held-out prompts stay apart."""
 
-    stages: list[Literal["quantize", "flips", "pairs", "train", "evaluate", "report"]] = Field(
+    stages: list[Literal["quantize", "ptq", "flips", "pairs", "train", "evaluate", "report"]] = Field(
         default_factory=lambda: list(PIPELINE_STAGES),
         description="Stages to run; the stages they need are added (pairs needs quantize, train needs "
-        "pairs, evaluate needs quantize and train). Default: all.")
+        "pairs, evaluate needs quantize and train). Default: all (ptq only with `start_from` awq/gptq).")
+    start_from: Literal["rtn", "awq", "gptq"] = Field(
+        "rtn", description="π_q, the quantized model QDPO starts from and takes as its reference: rtn (the "
+        "paper's default), or awq / gptq made by llm-compressor in the ptq stage (its own environment, "
+        "scripts/setup_llmcompressor_venv.sh; the `ptq` section's calibration settings) — paper Table 3's "
+        "AWQ+QDPO. Pairs' rejected answers come from it, and the evaluation shows RTN, it and the trained "
+        "model side by side.")
     train_prompts: TrainPromptsConfig = Field(default_factory=TrainPromptsConfig,
                                               description="Prompts of the pairs stage, and so of training.")
     eval_prompts: PromptsConfig = Field(default_factory=PromptsConfig,

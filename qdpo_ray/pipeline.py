@@ -1,15 +1,16 @@
 """`qdpo-ray pipeline`: plan the stages of one run directory, skip those already done, run the rest.
 
-    quantize ─► pairs ─► train (+ W4 export) ─► evaluate ─► report
-    flips ─────────────────────────────────────────────────┘
+    quantize ─┬──────────► pairs ─► train (+ W4 export) ─► evaluate ─► report
+    ptq ──────┘ (π_q = AWQ/GPTQ: `pipeline.start_from`)    ┘            │
+    flips ────────────────────────────────────────────────────────────────┘
 
 Each stage is declared once, in `STAGES` (its dependencies, output directory, the file it writes last,
 the config fields it reads, the config it runs with and its runner); everything else is derived from
 that table. The stage functions themselves are the ones the single-stage commands call (`run_quantize`,
 `run_flips`, `run_pairs`, `run_train`, `run_evaluate`).
 
-Run directory (`out`): config.yaml (the resolved config), w4-rtn/, flips/, pairs/, train/ (holding the
-trained W4 export), eval/, report/, one marker per stage, `.stage-<name>.json`, and `.pipeline.lock`,
+Run directory (`out`): config.yaml (the resolved config), w4-rtn/, ptq/ (with `start_from` awq or gptq),
+flips/, pairs/, train/ (holding the trained W4 export), eval/, report/, one marker per stage, `.stage-<name>.json`, and `.pipeline.lock`,
 held by the pipeline running in the directory so that a second one stops at once instead of deleting
 the first one's outputs.
 
@@ -69,6 +70,7 @@ class StageSpec:
     run: Callable[[Stage, dict[str, Stage]], dict[str, Any]]  # (stage, stages done so far) → marker outputs
     resumable: bool = False  # an interrupted run continues from the stage's own part files / checkpoints
     pulls_deps: bool = True  # False: uses whichever of its deps were selected, adds none (the report)
+    enabled: Callable[[RunConfig], bool] = lambda cfg: True  # False: not part of this config's plan
 
 
 @dataclass
@@ -129,6 +131,22 @@ def _run_quantize(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
     return {"w4_dir": str(run_quantize(st.cfg))}
 
 
+def _run_ptq(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
+    from qdpo_ray.io import atomic_write_json
+    from qdpo_ray.quant.ptq import run_ptq
+
+    path = run_ptq(st.cfg)
+    atomic_write_json(st.out / st.spec.product, {"method": st.cfg.ptq.method, "checkpoint": str(path)})
+    return {"checkpoint": str(path)}
+
+
+def start_checkpoint(run_dir: Path, start_from: str, bits: int) -> Path:
+    """π_q of a pipeline run: the RTN export, or the ptq stage's AWQ/GPTQ checkpoint (`run_ptq` names it)."""
+    if start_from == "rtn":
+        return stage_dir(run_dir, "quantize")
+    return stage_dir(run_dir, "ptq") / f"w{bits}-{start_from}"
+
+
 def _run_flips(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
     from qdpo_ray.evaluate.flips import run_flips
 
@@ -160,9 +178,14 @@ def _run_evaluate(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
     if not export:
         raise RuntimeError(f"no trained export in {stage_dir(run_dir, 'train')}/summary.json; run the train stage")
     label = Path(export).name.split("-", 1)[-1]  # w4-qdpo → qdpo, w4-qdpo-lora → qdpo-lora
+    start = {}
+    if "ptq" in done:  # AWQ+QDPO (paper Table 3): the PTQ model beside RTN, the trained label says its start
+        method = done["ptq"].cfg.ptq.method
+        start = {method: str(start_checkpoint(run_dir, method, st.cfg.quant.bits))}
+        label = f"{method}-{label}"
     earlier = {f"{label}-r{r['round']}": r["export"] for r in trained_rounds(run_dir)[:-1]}
-    models = {"rtn": str(stage_dir(run_dir, "quantize")), **earlier, label: export,
-              **{k: v for k, v in st.cfg.evaluate.models.items() if k not in ("rtn", label)}}
+    models = {"rtn": str(stage_dir(run_dir, "quantize")), **start, **earlier, label: export,
+              **{k: v for k, v in st.cfg.evaluate.models.items() if k not in ("rtn", *start, label)}}
     cfg = st.cfg.model_copy(update={"evaluate": st.cfg.evaluate.model_copy(update={"models": models})})
     r = run_evaluate(cfg)
     return {label: {k: r["models"][label][k] for k in ("flip_rate", "rouge_l", "exact_match", "perplexity")}
@@ -185,26 +208,36 @@ STAGES: tuple[StageSpec, ...] = (
               inputs=lambda d: {"model": d["model"], "quant": d["quant"]},
               config=lambda cfg, run: _derive(cfg, stage_dir(run, "quantize")),
               run=_run_quantize),
+    # Only with pipeline.start_from awq/gptq: llm-compressor in its own environment (qdpo_ray/quant/ptq.py).
+    StageSpec("ptq", deps=(), dir="ptq", product="summary.json",
+              inputs=lambda d: {"model": d["model"], "quant": d["quant"], "method": d["pipeline"]["start_from"],
+                                "ptq": _without(d["ptq"], "method", "python")},
+              config=lambda cfg, run: _derive(cfg, stage_dir(run, "ptq"), ptq={"method": cfg.pipeline.start_from}),
+              run=_run_ptq, enabled=lambda cfg: cfg.pipeline.start_from != "rtn"),
     StageSpec("flips", deps=(), dir="flips", product="summary.json",
               inputs=lambda d: {"model": d["model"], "quant": d["quant"], "prompts": d["pipeline"]["eval_prompts"],
                                 "flips": d["flips"]},
               config=lambda cfg, run: _derive(cfg, stage_dir(run, "flips"), cfg.pipeline.eval_prompts),
               run=_run_flips),
-    StageSpec("pairs", deps=("quantize",), dir="pairs", product="summary.json", resumable=True,
+    # π_q (RTN, or ptq's checkpoint when that stage is in the plan) gives the rejected answers, and training
+    # starts from it on its own grid; the upstream hashes say which one.
+    StageSpec("pairs", deps=("quantize", "ptq"), dir="pairs", product="summary.json", resumable=True,
               inputs=lambda d: {"model": d["model"], "prompts": d["pipeline"]["train_prompts"],
                                 "pairs": _without(d["pairs"], "w4_dir", "overwrite"), "seed": d["seed"]},
-              config=lambda cfg, run: _derive(cfg, stage_dir(run, "pairs"), cfg.pipeline.train_prompts,
-                                              pairs={"w4_dir": str(stage_dir(run, "quantize")), "overwrite": True}),
+              config=lambda cfg, run: _derive(cfg, stage_dir(run, "pairs"), cfg.pipeline.train_prompts, pairs={
+                  "w4_dir": str(start_checkpoint(run, cfg.pipeline.start_from, cfg.quant.bits)), "overwrite": True}),
               run=_run_pairs),
     StageSpec("train", deps=("pairs",), dir="train", product="summary.json", resumable=True,
               inputs=lambda d: {"model": d["model"], "quant": d["quant"], "train": _without(d["train"], "pairs"),
                                 "seed": d["seed"]},
-              config=lambda cfg, run: _derive(cfg, stage_dir(run, "train"), cfg.pipeline.train_prompts,
-                                              train={"pairs": str(stage_dir(run, "pairs"))}),
+              config=lambda cfg, run: _derive(cfg, stage_dir(run, "train"), cfg.pipeline.train_prompts, train={
+                  "pairs": str(stage_dir(run, "pairs")),
+                  "init_from": None if cfg.pipeline.start_from == "rtn"
+                  else str(start_checkpoint(run, cfg.pipeline.start_from, cfg.quant.bits))}),
               run=_run_train),
     # evaluate.models gets the RTN and trained checkpoints from the run directory (_run_evaluate); only
     # the extra models a user adds are config.
-    StageSpec("evaluate", deps=("quantize", "train"), dir="eval", product="results.json",
+    StageSpec("evaluate", deps=("quantize", "ptq", "train"), dir="eval", product="results.json",
               inputs=lambda d: {"model": d["model"], "quant": d["quant"], "prompts": d["pipeline"]["eval_prompts"],
                                 "flips": d["flips"],
                                 "evaluate": {**d["evaluate"], "models": _without(d["evaluate"]["models"], "rtn")}},
@@ -245,6 +278,16 @@ def check(cfg: RunConfig) -> None:
     if cfg.train.pairs != TrainConfig.model_fields["pairs"].default:
         raise ConfigError("train.pairs: the pipeline trains on its own <out>/pairs; remove the override "
                           "(or run `qdpo-ray train --pairs DIR` on its own)")
+    if cfg.train.init_from is not None:
+        raise ConfigError("train.init_from: the pipeline starts from its own π_q; set pipeline.start_from=awq or "
+                          "gptq instead (or run `qdpo-ray train --train.init_from=DIR` on its own)")
+    if cfg.pipeline.start_from != "rtn" and cfg.train.lora.enabled:
+        raise ConfigError(f"pipeline.start_from={cfg.pipeline.start_from} trains all weights on the PTQ model's "
+                          "grid; LoRA trains on an RTN base: set train.lora.enabled=false or pipeline.start_from=rtn")
+    if cfg.pipeline.start_from == "rtn" and "ptq" in cfg.pipeline.stages and cfg.pipeline.stages != list(
+            PipelineConfig().stages):
+        raise ConfigError("pipeline.stages names ptq, which runs only with pipeline.start_from=awq or gptq; "
+                          "set one of those or drop ptq from the list")
 
 
 def selected(stages: list[str]) -> list[str]:
@@ -310,6 +353,8 @@ def plan(cfg: RunConfig) -> list[Stage]:
     stages: dict[str, Stage] = {}
     for name in selected(cfg.pipeline.stages):
         spec = SPECS[name]
+        if not spec.enabled(cfg):
+            continue
         deps = tuple(d for d in spec.deps if d in stages)
         inputs = {"stage": name, "version": PIPELINE_VERSION, "config": spec.inputs(data),
                   "upstream": {d: stages[d].hash for d in deps}}
@@ -449,6 +494,10 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> d
     with run_dir_lock(run_dir):
         # Planned under the lock: another pipeline's half-written outputs must not shape this plan.
         stages = plan(cfg)
+        if any(s.name == "ptq" and s.status != "skip" for s in stages):
+            from qdpo_ray.quant.ptq import ptq_python
+
+            ptq_python(cfg.ptq.python)  # no llm-compressor environment: say how to make one before any stage runs
         dump_config(cfg, run_dir / "config.yaml")
         ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         try:

@@ -18,6 +18,8 @@ from qdpo_ray.cli import main
 from qdpo_ray.config import PIPELINE_STAGES, ConfigError, PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
+# The stages of a plan with pipeline.start_from=rtn (the default): all but ptq.
+RTN_STAGES = tuple(s for s in PIPELINE_STAGES if s != "ptq")
 
 
 def _cfg(out, *over):
@@ -62,7 +64,7 @@ def test_each_stage_is_declared_once_in_pipeline_order():
 
 def test_plan_of_a_fresh_dir(tmp_path):
     stages = pl.plan(_cfg(tmp_path / "run"))
-    assert [s.name for s in stages] == list(PIPELINE_STAGES)
+    assert [s.name for s in stages] == list(RTN_STAGES)
     assert all(s.status == "run" for s in stages)
     by = {s.name: s for s in stages}
     assert by["train"].deps == ("pairs",) and by["evaluate"].deps == ("quantize", "train")
@@ -75,13 +77,13 @@ def test_plan_of_a_fresh_dir(tmp_path):
 
 @pytest.mark.parametrize("override,changed", [
     ("train.lr=1e-5", {"train", "evaluate", "report"}),
-    ("quant.bits=8", set(PIPELINE_STAGES)),
+    ("quant.bits=8", set(RTN_STAGES)),
     ("flips.max_new_tokens=32", {"flips", "evaluate", "report"}),
     ("pairs.max_new_tokens=32", {"pairs", "train", "evaluate", "report"}),
     ("pipeline.eval_prompts.limit=10", {"flips", "evaluate", "report"}),
     ("pipeline.train_prompts.limit=10", {"pairs", "train", "evaluate", "report"}),
     ("evaluate.perplexity_texts=5", {"evaluate", "report"}),
-    ("model.name=some/other-model", set(PIPELINE_STAGES)),
+    ("model.name=some/other-model", set(RTN_STAGES)),
     ("pipeline.dry_run=true", set()),
     ("pairs.overwrite=true", set()),
 ])
@@ -96,16 +98,70 @@ def test_hashes_do_not_depend_on_the_run_dir(tmp_path):
 
 
 def test_stage_selection_adds_what_is_needed(tmp_path):
-    assert pl.selected(["evaluate"]) == ["quantize", "pairs", "train", "evaluate"]
+    assert pl.selected(["evaluate"]) == ["quantize", "ptq", "pairs", "train", "evaluate"]
+    plain = pl.plan(_cfg(tmp_path, "pipeline.stages=[evaluate]"))  # ptq only where start_from asks for it
+    assert [s.name for s in plain] == ["quantize", "pairs", "train", "evaluate"]
     assert pl.selected(["flips", "report"]) == ["flips", "report"]
     stages = pl.plan(_cfg(tmp_path, "pipeline.stages=[flips, report]"))
     assert [s.name for s in stages] == ["flips", "report"] and stages[1].deps == ("flips",)
 
 
+def test_awq_qdpo_plan_starts_pairs_and_training_from_the_ptq_model(tmp_path):
+    run = (tmp_path / "run").resolve()
+    rtn = {s.name: s for s in pl.plan(_cfg(run))}
+    awq = {s.name: s for s in pl.plan(_cfg(run, "pipeline.start_from=awq"))}
+    assert list(awq) == ["quantize", "ptq", "flips", "pairs", "train", "evaluate", "report"]
+    ckpt = str(run / "ptq" / "w4-awq")
+    assert awq["ptq"].cfg.ptq.method == "awq" and awq["ptq"].cfg.out == str(run / "ptq")
+    assert awq["pairs"].cfg.pairs.w4_dir == ckpt and awq["train"].cfg.train.init_from == ckpt
+    assert rtn["pairs"].cfg.pairs.w4_dir == str(run / "w4-rtn") and rtn["train"].cfg.train.init_from is None
+    assert awq["pairs"].deps == ("quantize", "ptq") and awq["evaluate"].deps == ("quantize", "ptq", "train")
+    # RTN, flips and the RTN export are shared; everything π_q feeds is not
+    same = {n for n in rtn if rtn[n].hash == awq[n].hash}
+    assert same == {"quantize", "flips"}
+    gptq = {s.name: s for s in pl.plan(_cfg(run, "pipeline.start_from=gptq"))}
+    assert gptq["ptq"].hash != awq["ptq"].hash and gptq["train"].cfg.train.init_from == str(run / "ptq" / "w4-gptq")
+    # the ptq section's calibration settings are the ptq stage's inputs; its interpreter is not
+    assert _hashes(_cfg(run, "pipeline.start_from=awq", "ptq.python=/elsewhere/python")) == _hashes(
+        _cfg(run, "pipeline.start_from=awq"))
+    assert _hashes(_cfg(run, "pipeline.start_from=awq", "ptq.calibration_samples=8"))["ptq"] != awq["ptq"].hash
+
+
+def test_awq_qdpo_run_evaluates_rtn_the_ptq_model_and_the_trained_one(tmp_path, fake_runners, monkeypatch):
+    seen = {}
+
+    def train(st, done):
+        st.out.mkdir(parents=True)
+        (st.out / "summary.json").write_text(json.dumps({"export": str(st.out / "w4-qdpo_flips-kd")}))
+        return {}
+
+    def evaluate(cfg):
+        seen.update(cfg.evaluate.models)
+        return {"models": {k: {"flip_rate": 0.1, "rouge_l": 0.5, "exact_match": 0.0, "perplexity": 5.0}
+                           for k in ("fp", *cfg.evaluate.models)}}
+
+    monkeypatch.setitem(pl.RUNNERS, "train", train)
+    monkeypatch.setitem(pl.RUNNERS, "evaluate", pl._run_evaluate)
+    monkeypatch.setattr("qdpo_ray.evaluate.compare.run_evaluate", evaluate)
+    out = (tmp_path / "run").resolve()
+    _run(_cfg(out, "pipeline.start_from=awq"))
+    assert fake_runners == ["quantize", "ptq", "flips", "pairs", "report"]
+    assert seen == {"rtn": str(out / "w4-rtn"), "awq": str(out / "ptq" / "w4-awq"),
+                    "awq-qdpo_flips-kd": str(out / "train" / "w4-qdpo_flips-kd")}
+
+
+def test_a_missing_llmcompressor_environment_stops_the_awq_pipeline_before_any_stage(tmp_path, fake_runners):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="setup_llmcompressor_venv.sh"):
+        pl.run_pipeline(_cfg(out, "pipeline.start_from=awq", f"ptq.python={tmp_path / 'none' / 'python'}"),
+                        echo=lambda s: None)
+    assert fake_runners == []
+
+
 def test_skip_rerun_and_resume(tmp_path, fake_runners):
     out = tmp_path / "run"
     _run(_cfg(out))
-    assert fake_runners == list(PIPELINE_STAGES)
+    assert fake_runners == list(RTN_STAGES)
     marker = json.loads((out / ".stage-train.json").read_text())
     assert marker["state"] == "done" and marker["hash"] == _hashes(_cfg(out))["train"]
 
@@ -324,16 +380,20 @@ def test_report_from_whatever_the_stages_wrote(tmp_path, fake_runners, monkeypat
     ("train.export=false", "train.export"),
     ("pipeline.stages=[]", "pipeline.stages"),
     ("pipeline.stages=[serve]", "pipeline.stages"),
+    ("train.init_from=runs/ptq/w4-awq", "pipeline.start_from"),
+    ("pipeline.stages=[ptq,train]", "pipeline.start_from=awq"),
+    ("pipeline.start_from=awq train.lora.enabled=true", "train.lora.enabled=false"),
+    ("pipeline.start_from=spqr", "pipeline.start_from"),
 ])
 def test_bad_pipeline_settings_name_the_field(tmp_path, override, expect, capsys):
-    assert main(["pipeline", "--out", str(tmp_path), f"--{override}", "--dry-run"]) == 2
+    assert main(["pipeline", "--out", str(tmp_path), *(f"--{o}" for o in override.split()), "--dry-run"]) == 2
     assert expect in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert main(["pipeline", "--config", "configs/default.yaml", "--out", str(tmp_path / "r"), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    for name in PIPELINE_STAGES:
+    for name in RTN_STAGES:
         assert name in text
     assert not (tmp_path / "r").exists()
 
@@ -347,7 +407,7 @@ def test_paper_recipe_loads_and_plans(tmp_path, capsys):
     assert cfg.quant.label == "W4A16" and cfg.train.objective == "qdpo"
     assert cfg.train.gpus_per_worker >= 1 and cfg.pairs.engine.gpus_per_actor >= 1
     stages = pl.plan(cfg)  # no model, no dataset, no Ray: planning only reads the run dir
-    assert [s.name for s in stages] == list(PIPELINE_STAGES) and all(s.status == "run" for s in stages)
+    assert [s.name for s in stages] == list(RTN_STAGES) and all(s.status == "run" for s in stages)
     assert main(["pipeline", "--config", "configs/paper_vicuna7b_hh.yaml", "--out", str(tmp_path / "p"),
                  "--dry-run"]) == 0
     assert "train" in capsys.readouterr().out
@@ -409,7 +469,7 @@ def test_real_pipeline_then_everything_skipped(tmp_path, embedded_model_dir):
     t0 = time.time()
     _, cfg, _ = resolve(args)
     r = run_pipeline(cfg, echo=lambda s: None)
-    assert [s["status"] for s in r["stages"]] == ["skip"] * len(PIPELINE_STAGES)
+    assert [s["status"] for s in r["stages"]] == ["skip"] * len(RTN_STAGES)
     assert time.time() - t0 < 20
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     # …and a changed evaluation setting re-runs only evaluate and the report.
