@@ -63,6 +63,16 @@ def test_llmcompressor_baseline_on_the_rtn_grid(method, tiny_model_dir, tmp_path
     assert torch.isfinite(model(ids).logits).all()
     ref = load_model(tiny_model_dir, dtype="float32").model.layers[0].mlp.down_proj.weight
     assert not torch.equal(proj, ref)
+    # AWQ keeps its scaled weights before rounding, the master weights AWQ+QDPO starts from; start_weights
+    # raises unless each rounds to the checkpoint's integers on its grid. GPTQ's weights are on its grid.
+    from qdpo_ray.quant.fake_quant import LATENT_FILE
+    from qdpo_ray.train.trainer import start_weights
+
+    assert (out / LATENT_FILE).is_file() == (method == "awq")
+    if method == "awq":
+        latent, deq = start_weights(str(out), cfg.quant), start_weights(str(out))
+        key = "model.layers.0.mlp.down_proj.weight"
+        assert torch.equal(deq[key], proj) and not torch.equal(latent[key], proj)
     # The same settings again: found, not recomputed.
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert ptq.run_ptq(cfg) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp

@@ -346,33 +346,43 @@ def test_flip_step_equals_anchored_length1_pairs_and_starts_at_zero(tiny_llama):
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
 
 
+def _checkpoint_on_its_own_grid(path, tiny_model_dir):
+    """A packed W4 checkpoint of the tiny model on a non-min-max grid, as AWQ/GPTQ write (their scales come
+    from a search, not min-max); returns the config that starts from it, the tokenizer, and the fp weights
+    it rounded (what AWQ's latent file would hold)."""
+    from qdpo_ray.config import load_config
+    from qdpo_ray.models import load_model, load_tokenizer
+    from qdpo_ray.quant.export import export_packed
+    from qdpo_ray.quant.fake_quant import FakeQuantLinear, to_fake_quant
+    from qdpo_ray.quant.rtn import compute_qparams
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"train.init_from={path}", "train.objective=qdpo_flips"])
+    tok = load_tokenizer(cfg.model)
+    m = to_fake_quant(load_model(tiny_model_dir, dtype="float32"), cfg.quant)
+    latent = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, FakeQuantLinear):
+            s, z = compute_qparams(mod.weight.detach(), mod.spec)
+            mod.frozen_scale, mod.frozen_zero = s * 1.25, z
+            latent[name + ".weight"] = mod.weight.detach().clone()
+    export_packed(m, tok, cfg.quant, path)
+    return cfg, tok, latent
+
+
 def test_start_from_a_quantized_checkpoint_keeps_its_own_grid(tmp_path, tiny_model_dir):
     """train.init_from (AWQ+QDPO, paper Table 3): π_θ and π_q start as the checkpoint's model exactly, on its
     own scales and zero points — min-max RTN of its de-quantized weights would be another model — and an
     untrained export packs the same integers back."""
     from safetensors.torch import load_file
 
-    from qdpo_ray.config import load_config
-    from qdpo_ray.models import load_model, load_tokenizer
-    from qdpo_ray.quant.export import export_packed
-    from qdpo_ray.quant.fake_quant import FakeQuantLinear, checkpoint_grid, quantize_model_rtn, to_fake_quant
-    from qdpo_ray.quant.rtn import compute_qparams
+    from qdpo_ray.models import load_model
+    from qdpo_ray.quant.fake_quant import FakeQuantLinear, checkpoint_grid, quantize_model_rtn
     from qdpo_ray.train.export import export_trained
     from qdpo_ray.train.reference import load_reference
     from qdpo_ray.train.trainer import codes_moved, start_weights
     from qdpo_ray.train.worker import build_policy
 
-    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"train.init_from={tmp_path / 'ckpt'}",
-                             "train.objective=qdpo_flips"])
-    tok = load_tokenizer(cfg.model)
-    # a checkpoint on a non-min-max grid, as AWQ/GPTQ write (their scales come from a search, not min-max)
-    m = to_fake_quant(load_model(tiny_model_dir, dtype="float32"), cfg.quant)
-    for mod in m.modules():
-        if isinstance(mod, FakeQuantLinear):
-            s, z = compute_qparams(mod.weight.detach(), mod.spec)
-            mod.frozen_scale, mod.frozen_zero = s * 1.25, z
-    export_packed(m, tok, cfg.quant, tmp_path / "ckpt")
-
+    cfg, tok, _ = _checkpoint_on_its_own_grid(tmp_path / "ckpt", tiny_model_dir)
     x = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         ckpt = load_model(str(tmp_path / "ckpt"), dtype="float32")(input_ids=x).logits
@@ -392,3 +402,42 @@ def test_start_from_a_quantized_checkpoint_keeps_its_own_grid(tmp_path, tiny_mod
     a, b = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(str(Path(info["export"]) / "model.safetensors"))
     packed = [k for k in a if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point"))]
     assert len(packed) == 42 and all(torch.equal(a[k], b[k]) for k in packed)
+
+
+def test_awq_latent_weights_are_the_master_weights_and_round_to_the_same_pi_q(tmp_path, tiny_model_dir):
+    """A `latent.safetensors` beside the checkpoint (AWQ's scaled weights before rounding, ptq_worker.py):
+    π_θ's master weights start there instead of at the bin centres — from which STE training at lr 1e-4 moved
+    no code of the embedded model's AWQ checkpoint in 32 steps (docs/results.md) — and π_θ, π_q and the
+    codes are unchanged at step 0. A latent file that rounds to other integers is refused, naming the layer."""
+    from safetensors.torch import save_file
+
+    from qdpo_ray.config import ConfigError
+    from qdpo_ray.models import load_model
+    from qdpo_ray.quant.fake_quant import LATENT_FILE, FakeQuantLinear
+    from qdpo_ray.train.reference import load_reference
+    from qdpo_ray.train.trainer import codes_moved, start_weights
+    from qdpo_ray.train.worker import build_policy
+
+    ckpt = tmp_path / "ckpt"
+    cfg, _, latent = _checkpoint_on_its_own_grid(ckpt, tiny_model_dir)
+    deq = start_weights(str(ckpt))
+    assert start_weights(str(ckpt), cfg.quant).keys() == deq.keys()  # no latent file yet: the same
+    save_file(latent, str(ckpt / LATENT_FILE))
+    assert all(torch.equal(start_weights(str(ckpt))[k], deq[k]) for k in deq)  # without the quant section: unused
+    weights = start_weights(str(ckpt), cfg.quant)
+    assert all(torch.equal(weights[k], latent[k]) for k in latent) and len(latent) == 14
+    assert all(not torch.equal(weights[k], deq[k]) for k in latent)  # off the bin centres
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        want = load_model(str(ckpt), dtype="float32")(input_ids=x).logits
+        for model in (build_policy(cfg, weights).eval(), load_reference(cfg, weights)):
+            assert any(isinstance(m, FakeQuantLinear) for m in model.modules())
+            assert torch.allclose(model(input_ids=x).logits, want, atol=1e-5)
+    assert codes_moved(cfg, {k: v for k, v in weights.items() if k in latent or k in deq}, weights) == 0
+
+    bad = dict(latent)
+    name = "model.layers.1.mlp.down_proj.weight"
+    bad[name] = deq[name] + 0.75 * deq[name.removesuffix(".weight") + ".weight_scale"]
+    save_file(bad, str(ckpt / LATENT_FILE))
+    with pytest.raises(ConfigError, match="model.layers.1.mlp.down_proj does not round"):
+        start_weights(str(ckpt), cfg.quant)

@@ -157,6 +157,41 @@ def checkpoint_grid(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.T
     return grid
 
 
+# Written by `ptq_worker.py` beside an AWQ checkpoint: the activation-scaled fp weights of its quantized
+# layers before rounding (safetensors, `<layer>.weight`).
+LATENT_FILE = "latent.safetensors"
+
+
+def latent_start(weights: dict[str, torch.Tensor], latent: dict[str, torch.Tensor],
+                 spec: QuantSpec) -> tuple[dict[str, torch.Tensor], int]:
+    """A quantized checkpoint's state dict with each quantized layer's de-quantized weight replaced by its
+    latent (pre-rounding) weight; returns the new dict and how many layers were replaced.
+
+    Why: STE training moves a 4-bit code only when the master weight crosses a rounding boundary. A
+    de-quantized weight sits at its bin's centre, half a step from either boundary, so from it a few dozen
+    steps at lr 1e-4 move no code at all, while latent weights sit where AWQ's scaling put them (as RTN's
+    fp weights do). Each latent weight must round to the checkpoint's integers on its grid — the same π_q at
+    step 0 — or this raises a ConfigError naming the layer.
+    """
+    from qdpo_ray.config import ConfigError
+    from qdpo_ray.quant.rtn import quantize
+
+    out, n = dict(weights), 0
+    for name, (scale, zero) in checkpoint_grid(weights).items():
+        key = name + ".weight"
+        if key not in latent:
+            continue
+        lw = latent[key].float()
+        if lw.shape != weights[key].shape or not torch.equal(quantize(lw, scale, zero, spec),
+                                                             quantize(weights[key].float(), scale, zero, spec)):
+            raise ConfigError(f"{LATENT_FILE}: the latent weight of {name} does not round to the checkpoint's "
+                              "integers on its grid (another checkpoint's file?); delete the file to start from "
+                              "the de-quantized weights")
+        out[key] = lw.to(weights[key].dtype)
+        n += 1
+    return out, n
+
+
 def freeze_grid(model: nn.Module, grid: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Fix every FakeQuantLinear named in `grid` to that scale and zero point (a checkpoint's own grid,
     e.g. AWQ's, which min-max RTN of its de-quantized weights would not reproduce)."""

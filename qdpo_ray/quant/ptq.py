@@ -51,6 +51,7 @@ def _settings(cfg: RunConfig) -> dict:
     return {"method": p.method, "bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric,
             "calibration_samples": p.calibration_samples, "calibration_source": p.calibration_source,
             "max_seq_len": p.max_seq_len, "targets": q.targets, "ignore": q.ignore,
+            "latent_weights": p.method == "awq",  # checkpoints made before the worker wrote them are remade
             "model": cfg.model.model_dump(mode="json")}
 
 

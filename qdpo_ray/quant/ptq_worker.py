@@ -10,7 +10,9 @@ everything on the command line:
 
 The scheme matches the project's RTN (uniform min-max, asymmetric, per output channel unless a group size
 is given), so AWQ is "activation-aware scaling, then the same RTN" and GPTQ "the same grid, error-corrected".
-The output is a compressed-tensors `pack-quantized` checkpoint, the format of the project's own export.
+The output is a compressed-tensors `pack-quantized` checkpoint, the format of the project's own export;
+AWQ's also holds `latent.safetensors`, its scaled fp weights before rounding (the master weights
+AWQ+QDPO starts from).
 """
 
 from __future__ import annotations
@@ -80,12 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     oneshot(model=model, dataset=ds, recipe=_recipe(args.method, _scheme(args.bits, args.group_size,
                                                                           args.symmetric, args.targets), args.ignore),
             max_seq_length=args.max_seq_len, num_calibration_samples=len(texts))
+    # AWQ leaves its activation-scaled fp weights in the model and only rounds them when it packs the file:
+    # kept as the starting master weights of AWQ+QDPO (qdpo_ray.quant.fake_quant.latent_start). GPTQ's
+    # weights are already on its grid here, so it has none.
+    latent = {f"{name}.weight": m.weight.detach().float().contiguous().clone()
+              for name, m in model.named_modules() if hasattr(m, "weight_scale")} if args.method == "awq" else {}
     # Written next to the target and renamed at the end: a killed run leaves no half checkpoint behind.
     out = Path(args.out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, save_compressed=True)
     tok.save_pretrained(tmp)
+    if latent:
+        from safetensors.torch import save_file
+
+        save_file(latent, str(tmp / "latent.safetensors"))
     (tmp / "qdpo_ptq.json").write_text(json.dumps({
         "method": args.method, "bits": args.bits, "group_size": args.group_size or None,
         "symmetric": args.symmetric, "calibration_samples": len(texts), "max_seq_len": args.max_seq_len,

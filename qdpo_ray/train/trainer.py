@@ -42,11 +42,25 @@ def check(cfg: RunConfig) -> None:
                               "trains on an RTN base: set train.lora.enabled=false or drop train.init_from")
 
 
-def start_weights(path: str) -> dict[str, torch.Tensor]:
-    """A quantized checkpoint's de-quantized weights with its grid tensors (`fake_quant.checkpoint_grid`)."""
+def start_weights(path: str, quant=None) -> dict[str, torch.Tensor]:
+    """A quantized checkpoint's de-quantized weights with its grid tensors (`fake_quant.checkpoint_grid`);
+    with `quant` (the run's QuantConfig) and a `latent.safetensors` beside it (AWQ from `qdpo-ray ptq`), the
+    quantized layers' master weights are the latent ones, which round to the same π_q
+    (`fake_quant.latent_start`)."""
     from qdpo_ray.models import load_model
+    from qdpo_ray.quant.fake_quant import LATENT_FILE, latent_start
 
-    return {k: v.detach().clone() for k, v in load_model(path, dtype="float32").state_dict().items()}
+    weights = {k: v.detach().clone() for k, v in load_model(path, dtype="float32").state_dict().items()}
+    latent_file = Path(path) / LATENT_FILE
+    if quant is None or not latent_file.is_file():
+        return weights
+    from safetensors.torch import load_file
+
+    from qdpo_ray.quant.rtn import QuantSpec
+
+    weights, n = latent_start(weights, load_file(str(latent_file)), QuantSpec.from_config(quant))
+    log.info("train.init_from: latent weights of %d quantized layers from %s", n, latent_file)
+    return weights
 
 
 def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -128,7 +142,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
     check(cfg)
     t = cfg.train
     if init_weights is None and t.init_from:
-        init_weights = start_weights(t.init_from)
+        init_weights = start_weights(t.init_from, cfg.quant)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = prepare_pairs(cfg)
