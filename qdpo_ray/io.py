@@ -61,6 +61,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def give_umask_modes(root: str | Path) -> None:
+    """Every file and directory below `root` gets the mode `open()` / `mkdir()` would give. Writers such as
+    safetensors' `save_file` create their files 0600 (through a temporary file), which a Serve replica or
+    colleague of another uid could not read."""
+    mask = umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when complete.
@@ -73,6 +87,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~umask())
         yield tmp
+        give_umask_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from qdpo_ray import io
 
@@ -35,8 +36,14 @@ def test_atomic_files_get_the_umask_mode(tmp_path, mask):
 
 
 def test_atomic_dir_gets_the_umask_mode(tmp_path, mask):
+    from safetensors.torch import save_file
+
     with io.atomic_dir(tmp_path / "d") as tmp:
         (tmp / "f").write_text("x")
+        (tmp / "sub").mkdir(mode=0o700)
+        save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))  # safetensors writes 0600
+    assert _mode(tmp_path / "d" / "sub" / "model.safetensors") == 0o666 & ~mask
+    assert _mode(tmp_path / "d" / "sub") == 0o777 & ~mask
     assert _mode(tmp_path / "d") == {0o022: 0o755, 0o027: 0o750}[mask]
     assert (tmp_path / "d" / "f").read_text() == "x"
 

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from qdpo_ray.config import ConfigError, PromptsConfig, RunConfig
-from qdpo_ray.io import atomic_path, atomic_write_json
+from qdpo_ray.io import atomic_path, atomic_write_json, give_umask_modes
 from qdpo_ray.quant.export import check_quantized_dir, require_packable
 
 WORKER = Path(__file__).with_name("ptq_worker.py")
@@ -88,5 +88,6 @@ def run_ptq(cfg: RunConfig) -> Path:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise RuntimeError(f"llm-compressor {cfg.ptq.method} failed (exit {rc}); full log: {log_path}\n{tail}")
     check_quantized_dir(str(target), "ptq output")
+    give_umask_modes(target)  # llm-compressor's safetensors files are written 0600
     atomic_write_json(marker, settings)
     return target
