@@ -62,10 +62,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def give_umask_modes(root: str | Path) -> None:
-    """Every file and directory below `root` gets the mode `open()` / `mkdir()` would give. Writers such as
-    safetensors' `save_file` create their files 0600 (through a temporary file), which a Serve replica or
-    colleague of another uid could not read."""
+    """`root` and everything below it get the mode `open()` / `mkdir()` would give. Writers such as
+    safetensors' `save_file` create their files 0600 (through a temporary file), and `mkdtemp` its directory
+    0700, which a Serve replica or colleague of another uid could not read."""
     mask = umask()
+    os.chmod(root, 0o777 & ~mask)
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
@@ -85,7 +86,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        tmp.chmod(0o777 & ~umask())
         yield tmp
         give_umask_modes(tmp)
         if path.exists():

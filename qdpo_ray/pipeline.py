@@ -141,10 +141,12 @@ def _run_ptq(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
 
 
 def start_checkpoint(run_dir: Path, start_from: str, bits: int) -> Path:
-    """π_q of a pipeline run: the RTN export, or the ptq stage's AWQ/GPTQ checkpoint (`run_ptq` names it)."""
+    """π_q of a pipeline run: the RTN export, or the ptq stage's AWQ/GPTQ checkpoint."""
+    from qdpo_ray.quant.ptq import checkpoint_dir
+
     if start_from == "rtn":
         return stage_dir(run_dir, "quantize")
-    return stage_dir(run_dir, "ptq") / f"w{bits}-{start_from}"
+    return checkpoint_dir(stage_dir(run_dir, "ptq"), bits, start_from)
 
 
 def _run_flips(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:

@@ -55,6 +55,11 @@ def _settings(cfg: RunConfig) -> dict:
             "model": cfg.model.model_dump(mode="json")}
 
 
+def checkpoint_dir(out: str | Path, bits: int, method: str) -> Path:
+    """Where `run_ptq` with `out` puts its checkpoint: `<out>/w<bits>-<method>`."""
+    return Path(out) / f"w{bits}-{method}"
+
+
 def run_ptq(cfg: RunConfig) -> Path:
     """Make (or find) the `ptq.method` checkpoint of `cfg.model` in `cfg.out`; returns its directory."""
     from qdpo_ray.models import resolve_model_path
@@ -62,7 +67,7 @@ def run_ptq(cfg: RunConfig) -> Path:
     require_packable(cfg.quant.bits, needs="`qdpo-ray ptq` writes")
     python = ptq_python(cfg.ptq.python)
     out = Path(cfg.out).resolve()  # the worker runs in `out`: every path it gets is absolute
-    target = out / f"w{cfg.quant.bits}-{cfg.ptq.method}"
+    target = checkpoint_dir(out, cfg.quant.bits, cfg.ptq.method)
     settings = _settings(cfg)
     marker = target / "qdpo_ptq_settings.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
