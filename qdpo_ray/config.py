@@ -256,6 +256,10 @@ class TrainConfig(_Section):
     flip_margin: float = Field(0.0, ge=0, description="`qdpo_flips`: positions whose π_q margin (log-prob of the fp "
                                "token minus that of π_q's strongest other token) is below this get a pair; 0 = the "
                                "flips only, > 0 adds near-flips.")
+    flips_of: Literal["reference", "policy"] = Field(
+        "reference", description="`qdpo_flips`: whose flips get pairs — reference: π_q's (fixed, the anchored L=1 "
+        "pairs); policy: π_θ's own at each step (on-policy: r_k = π_θ's strongest other token; a flip leaves the "
+        "loss once π_θ's margin reaches flip_margin). The reference in eq. 5 is π_q either way.")
     sft_weight: float = Field(1.0, ge=0, description="α of the NLL term of `qdpo+sft` (TRL's rpo_alpha).")
     beta: float = Field(0.1, gt=0, description="β of eq. 5.")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO/QDPO; ipo = IPO.")

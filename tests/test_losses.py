@@ -255,6 +255,18 @@ def test_flip_preference_loss_hand_computed():
     assert pairs.tolist() == [True, True, True]
     h0 = 0.5 * ((math.log(0.1) - math.log(0.6)) - (math.log(0.1) - math.log(0.3)))
     assert near.loss.item() == pytest.approx((math.log1p(math.exp(-h0)) + 2 * expect) / 3, abs=1e-6)
+    # on-policy: π_θ's own flips. Position 1 was π_q's flip but π_θ fixed it (0.7 vs 0.25): no pair, no push
+    # past the fix; position 0 is π_θ's new flip (argmax 2 where fp says 0): a pair against token 2, scored
+    # against the reference π_q; position 2 is a tie (0.4 vs 0.4), margin 0 is not below 0
+    own, pairs = flip_preference_loss(pol, ref, labels, beta=0.5, flips_of="policy")
+    assert pairs.tolist() == [True, False, False]
+    h0 = 0.5 * ((math.log(0.1) - math.log(0.6)) - (math.log(0.8) - math.log(0.1)))
+    assert own.loss.item() == pytest.approx(math.log1p(math.exp(-h0)), abs=1e-6)
+    assert own.rejected_rewards.tolist() == pytest.approx([0.5 * math.log(0.8 / 0.1)], abs=1e-6)
+    _, pairs = flip_preference_loss(pol, ref, labels, beta=0.5, margin=0.1, flips_of="policy")
+    assert pairs.tolist() == [True, False, True]  # a margin keeps the tie (and near-flips) in
+    with pytest.raises(ValueError, match="flips_of"):
+        flip_preference_loss(pol, ref, labels, flips_of="fp")
     # no flip at all: a connected zero
     none, flips = flip_preference_loss(pol, ref, torch.tensor([0, 0, 1]))
     assert not flips.any() and none.loss.item() == 0

@@ -324,6 +324,8 @@ def test_flip_step_equals_anchored_length1_pairs_and_starts_at_zero(tiny_llama):
 
     loss0, vals0, _ = qdpo_flips_step(policy, rows, t, reference=reference)
     assert loss0.item() == pytest.approx(math.log(2), abs=1e-6) and abs(vals0[1]) < 1e-6 and abs(vals0[2]) < 1e-6
+    on0, _, _ = qdpo_flips_step(policy, rows, t.model_copy(update={"flips_of": "policy"}), reference=reference)
+    assert on0.item() == pytest.approx(loss0.item(), abs=1e-6)  # at step 0 π_θ's flips are π_q's
 
     with torch.no_grad():  # a trained-looking π_θ: every master weight moved a little
         g = torch.Generator().manual_seed(0)
@@ -337,6 +339,17 @@ def test_flip_step_equals_anchored_length1_pairs_and_starts_at_zero(tiny_llama):
     assert loss.item() == pytest.approx(a_loss.item(), abs=1e-5)
     assert vals[1:4] == pytest.approx(a_vals[1:4], abs=1e-5)
     assert abs(loss.item() - math.log(2)) > 1e-3  # the comparison is not between two step-0 losses
+
+    # on-policy flips: the anchored L = 1 pairs of π_θ's own flips (its argmax as r_k), scored against π_q
+    tp = TrainConfig(objective="qdpo_flips", beta=0.5, flips_of="policy")
+    p_loss, p_vals, _ = qdpo_flips_step(policy, rows, tp, reference=reference)
+    with torch.no_grad():
+        own = _anchored_length1_pairs(policy, rows)
+    assert len(own) > 5 and own != pairs
+    own = add_reference_logps(copy.deepcopy(reference), own, batch_size=len(own))
+    o_loss, o_vals = preference_micro_step(policy, collate_shared(own), tp)
+    assert p_loss.item() == pytest.approx(o_loss.item(), abs=1e-5)
+    assert p_vals[1:4] == pytest.approx(o_vals[1:4], abs=1e-5)
 
     tk = TrainConfig(objective="qdpo_flips+kd", beta=0.5, kd_weight=0.3)
     mix, _, _ = qdpo_flips_step(policy, rows, tk, teacher=teacher, reference=reference)

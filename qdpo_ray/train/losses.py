@@ -152,8 +152,14 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return PreferenceLoss(per.mean(), (beta * chosen_lr).detach(), (beta * rejected_lr).detach())
 
 
+def strongest_other(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Index of the highest-scoring token other than y at each row: logits [N, V], y [N, 1] → [N, 1]."""
+    return logits.scatter(-1, y, float("-inf")).argmax(-1, keepdim=True)
+
+
 def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
-                         beta: float = 0.1, margin: float = 0.0) -> tuple[PreferenceLoss, torch.Tensor]:
+                         beta: float = 0.1, margin: float = 0.0,
+                         flips_of: str = "reference") -> tuple[PreferenceLoss, torch.Tensor]:
     """Eq. 5 at every flip of a teacher-forced answer: rows are response positions, [N, V] logits of π_θ
     and of the reference (no grad), labels [N] the fp answer's tokens y_k.
 
@@ -165,12 +171,21 @@ def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
     gives the anchored pair with continuation length 1 — and the loss is their mean (each anchored pair
     weighs the same, as DPO's mean over pairs). Returns the loss (a connected 0 when no position
     qualifies) with per-pair rewards, and the mask [N] of positions that got a pair.
+
+    flips_of="policy" takes the flips, and r_k, from π_θ itself (its detached logits at this step) instead:
+    on-policy token pairs. A flip then leaves the loss once π_θ's own margin reaches `margin` — it is not
+    pushed on toward the ~6/β nats at which eq. 5 saturates — and a flip that training creates where π_q
+    was right gets a pair at once. The reference in eq. 5 stays π_ref.
     """
+    if flips_of not in ("reference", "policy"):
+        raise ValueError(f"flips_of must be 'reference' or 'policy', got {flips_of!r}")
     ref = ref_logits.detach().float().log_softmax(-1)
     y = labels.unsqueeze(-1)
-    rejected = ref.scatter(-1, y, float("-inf")).argmax(-1, keepdim=True)
-    ref_margin = (ref.gather(-1, y) - ref.gather(-1, rejected)).squeeze(-1)
-    pairs = ref_margin < margin
+    judge = ref if flips_of == "reference" else policy_logits.detach().float().log_softmax(-1)
+    rejected = strongest_other(judge, y)
+    judged_margin = (judge.gather(-1, y) - judge.gather(-1, rejected)).squeeze(-1)
+    pairs = judged_margin < margin
+    del judge
     pol = policy_logits[pairs].float().log_softmax(-1)
     y, r, ref = y[pairs], rejected[pairs], ref[pairs]
     chosen_lr = (pol.gather(-1, y) - ref.gather(-1, y)).squeeze(-1)

@@ -107,19 +107,20 @@ def qdpo_flips_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=No
     reference π_q's argmax differs, from one teacher-forced pass of π_θ and of π_q over prompt + y_w
     (the anchored L = 1 pairs of every flip at once; the rejected answers are not read). With
     `t.kd_weight` > 0 (objective `qdpo_flips+kd`) plus λ·KL(fp ‖ π_θ) on all of y_w, from the same pass."""
-    from qdpo_ray.train.losses import flip_preference_loss, kd_loss, mixed_loss
+    from qdpo_ray.train.losses import flip_preference_loss, kd_loss, mixed_loss, strongest_other
 
     frozen = (reference, teacher) if t.objective == "qdpo_flips+kd" else (reference,)
     b, logits, others = _chosen_forward(policy, rows, pad_id, _device(policy), *frozen)
     sel = b["mask"].bool()
-    pl, flips = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta, t.flip_margin)
+    pl, flips = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta, t.flip_margin,
+                                     t.flips_of)
     kd = kd_loss(logits, others[1], b["mask"]) if len(others) > 1 else None
     loss = mixed_loss(pl, kd=kd, kd_weight=t.kd_weight if kd is not None else 0.0)
-    # per flip (TRL's names, token-level): implicit rewards, and π_θ's log-probs of y_k and of π_q's r_k
+    # per flip (TRL's names, token-level): implicit rewards, and π_θ's log-probs of y_k and of r_k
     with torch.no_grad():
         pol = logits[sel][flips].float().log_softmax(-1)
         y = b["labels"][sel][flips].unsqueeze(-1)
-        r = others[0][sel][flips].float().scatter(-1, y, float("-inf")).argmax(-1, keepdim=True)
+        r = strongest_other((pol if t.flips_of == "policy" else others[0][sel][flips].float()), y)
         lp_y, lp_r = pol.gather(-1, y), pol.gather(-1, r)
     margins = pl.chosen_rewards - pl.rejected_rewards
     mean = (lambda x: x.double().mean().item() if x.numel() else 0.0)
