@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from qdpo_ray.console import watch_progress
+from qdpo_ray.quant.ptq import OUTPUT_FORMAT as PTQ_OUTPUT_FORMAT
 from qdpo_ray.config import ConfigError, PipelineConfig, PromptsConfig, RunConfig, TrainConfig
 
 # Bump when a stage's outputs change meaning for the same config (invalidates every marker).
@@ -213,7 +214,7 @@ STAGES: tuple[StageSpec, ...] = (
     # Only with pipeline.start_from awq/gptq: llm-compressor in its own environment (qdpo_ray/quant/ptq.py).
     StageSpec("ptq", deps=(), dir="ptq", product="summary.json",
               inputs=lambda d: {"model": d["model"], "quant": d["quant"], "method": d["pipeline"]["start_from"],
-                                "ptq": _without(d["ptq"], "method", "python")},
+                                "ptq": _without(d["ptq"], "method", "python"), "format": PTQ_OUTPUT_FORMAT},
               config=lambda cfg, run: _derive(cfg, stage_dir(run, "ptq"), ptq={"method": cfg.pipeline.start_from}),
               run=_run_ptq, enabled=lambda cfg: cfg.pipeline.start_from != "rtn"),
     StageSpec("flips", deps=(), dir="flips", product="summary.json",

@@ -127,6 +127,17 @@ def test_awq_qdpo_plan_starts_pairs_and_training_from_the_ptq_model(tmp_path):
     assert _hashes(_cfg(run, "pipeline.start_from=awq", "ptq.calibration_samples=8"))["ptq"] != awq["ptq"].hash
 
 
+def test_a_new_ptq_output_format_remakes_the_ptq_stage(tmp_path, monkeypatch):
+    """A run directory made before the ptq output changed (AWQ checkpoints without latent weights) must not
+    skip ptq: training from it would start on its bin centres and silently move no code."""
+    run = (tmp_path / "run").resolve()
+    before, rtn = _hashes(_cfg(run, "pipeline.start_from=awq")), _hashes(_cfg(run))
+    monkeypatch.setattr(pl, "PTQ_OUTPUT_FORMAT", pl.PTQ_OUTPUT_FORMAT + 1)
+    after = _hashes(_cfg(run, "pipeline.start_from=awq"))
+    assert {n for n in before if before[n] != after[n]} == {"ptq", "pairs", "train", "evaluate", "report"}
+    assert _hashes(_cfg(run)) == rtn  # an RTN plan does not read it
+
+
 def test_awq_qdpo_run_evaluates_rtn_the_ptq_model_and_the_trained_one(tmp_path, fake_runners, monkeypatch):
     seen = {}
 

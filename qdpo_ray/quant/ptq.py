@@ -22,6 +22,9 @@ from qdpo_ray.io import atomic_path, atomic_write_json, give_umask_modes
 from qdpo_ray.quant.export import check_quantized_dir, require_packable
 
 WORKER = Path(__file__).with_name("ptq_worker.py")
+# What a checkpoint of this code holds; a change remakes older ones, in `qdpo-ray ptq` and in a pipeline's
+# ptq stage. 2: AWQ checkpoints carry the latent (scaled, unrounded) weights that training starts from.
+OUTPUT_FORMAT = 2
 DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".venv-llmcompressor"
 
 
@@ -51,7 +54,7 @@ def _settings(cfg: RunConfig) -> dict:
     return {"method": p.method, "bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric,
             "calibration_samples": p.calibration_samples, "calibration_source": p.calibration_source,
             "max_seq_len": p.max_seq_len, "targets": q.targets, "ignore": q.ignore,
-            "latent_weights": p.method == "awq",  # checkpoints made before the worker wrote them are remade
+            "format": OUTPUT_FORMAT,
             "model": cfg.model.model_dump(mode="json")}
 
 
