@@ -154,7 +154,7 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 
 def strongest_other(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Index of the highest-scoring token other than y at each row: logits [N, V], y [N, 1] → [N, 1]."""
-    return logits.scatter(-1, y, float("-inf")).argmax(-1, keepdim=True)
+    return logits.detach().scatter(-1, y, float("-inf")).argmax(-1, keepdim=True)
 
 
 def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
@@ -179,15 +179,14 @@ def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
     """
     if flips_of not in ("reference", "policy"):
         raise ValueError(f"flips_of must be 'reference' or 'policy', got {flips_of!r}")
-    ref = ref_logits.detach().float().log_softmax(-1)
     y = labels.unsqueeze(-1)
-    judge = ref if flips_of == "reference" else policy_logits.detach().float().log_softmax(-1)
+    judge = (ref_logits if flips_of == "reference" else policy_logits).detach()
     rejected = strongest_other(judge, y)
-    judged_margin = (judge.gather(-1, y) - judge.gather(-1, rejected)).squeeze(-1)
-    pairs = judged_margin < margin
-    del judge
+    # a log-prob margin is a logit margin: no softmax over the [N, V] rows that get no pair
+    pairs = (judge.gather(-1, y).float() - judge.gather(-1, rejected).float()).squeeze(-1) < margin
     pol = policy_logits[pairs].float().log_softmax(-1)
-    y, r, ref = y[pairs], rejected[pairs], ref[pairs]
+    ref = ref_logits[pairs].detach().float().log_softmax(-1)
+    y, r = y[pairs], rejected[pairs]
     chosen_lr = (pol.gather(-1, y) - ref.gather(-1, y)).squeeze(-1)
     rejected_lr = (pol.gather(-1, r) - ref.gather(-1, r)).squeeze(-1)
     per = -F.logsigmoid(beta * (chosen_lr - rejected_lr))

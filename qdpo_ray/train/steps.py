@@ -120,7 +120,7 @@ def qdpo_flips_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=No
     with torch.no_grad():
         pol = logits[sel][flips].float().log_softmax(-1)
         y = b["labels"][sel][flips].unsqueeze(-1)
-        r = strongest_other((pol if t.flips_of == "policy" else others[0][sel][flips].float()), y)
+        r = strongest_other(pol if t.flips_of == "policy" else others[0][sel][flips], y)
         lp_y, lp_r = pol.gather(-1, y), pol.gather(-1, r)
     margins = pl.chosen_rewards - pl.rejected_rewards
     mean = (lambda x: x.double().mean().item() if x.numel() else 0.0)
