@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from qdpo_ray.config import ConfigError, PipelineConfig, PromptsConfig, RunConfig, TrainConfig
 from qdpo_ray.console import watch_progress
 from qdpo_ray.quant.ptq import OUTPUT_FORMAT as PTQ_OUTPUT_FORMAT
-from qdpo_ray.config import ConfigError, PipelineConfig, PromptsConfig, RunConfig, TrainConfig
+from qdpo_ray.quant.ptq import checkpoint_dir
 
 # Bump when a stage's outputs change meaning for the same config (invalidates every marker).
 PIPELINE_VERSION = 1
@@ -143,8 +144,6 @@ def _run_ptq(st: Stage, done: dict[str, Stage]) -> dict[str, Any]:
 
 def start_checkpoint(run_dir: Path, start_from: str, bits: int) -> Path:
     """π_q of a pipeline run: the RTN export, or the ptq stage's AWQ/GPTQ checkpoint."""
-    from qdpo_ray.quant.ptq import checkpoint_dir
-
     if start_from == "rtn":
         return stage_dir(run_dir, "quantize")
     return checkpoint_dir(stage_dir(run_dir, "ptq"), bits, start_from)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from qdpo_ray.config import ConfigError, PromptsConfig, RunConfig
 from qdpo_ray.io import atomic_path, atomic_write_json, give_umask_modes
-from qdpo_ray.quant.export import check_quantized_dir, require_packable
 
 WORKER = Path(__file__).with_name("ptq_worker.py")
 # What a checkpoint of this code holds; a change remakes older ones, in `qdpo-ray ptq` and in a pipeline's
@@ -66,6 +65,7 @@ def checkpoint_dir(out: str | Path, bits: int, method: str) -> Path:
 def run_ptq(cfg: RunConfig) -> Path:
     """Make (or find) the `ptq.method` checkpoint of `cfg.model` in `cfg.out`; returns its directory."""
     from qdpo_ray.models import resolve_model_path
+    from qdpo_ray.quant.export import check_quantized_dir, require_packable  # torch: not at the pipeline's start-up
 
     require_packable(cfg.quant.bits, needs="`qdpo-ray ptq` writes")
     python = ptq_python(cfg.ptq.python)
