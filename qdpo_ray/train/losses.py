@@ -123,6 +123,8 @@ class PreferenceLoss:
     loss: torch.Tensor            # scalar, mean over the batch
     chosen_rewards: torch.Tensor  # [B], detached
     rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor | None = None    # π_θ's log-probs of each pair's tokens, detached (token-level
+    rejected_logps: torch.Tensor | None = None  # pairs: `flip_preference_loss`; sequence pairs carry their own)
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -170,7 +172,8 @@ def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
     −log σ(β[(log π_θ(y_k) − log π_ref(y_k)) − (log π_θ(r_k) − log π_ref(r_k))]) — what `preference_loss`
     gives the anchored pair with continuation length 1 — and the loss is their mean (each anchored pair
     weighs the same, as DPO's mean over pairs). Returns the loss (a connected 0 when no position
-    qualifies) with per-pair rewards, and the mask [N] of positions that got a pair.
+    qualifies) with per-pair rewards and π_θ's log-probs of y_k and r_k, and the mask [N] of positions that
+    got a pair.
 
     flips_of="policy" takes the flips, and r_k, from π_θ itself (its detached logits at this step) instead:
     on-policy token pairs. A flip then leaves the loss once π_θ's own margin reaches `margin` — it is not
@@ -191,7 +194,9 @@ def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
     rejected_lr = (pol.gather(-1, r) - ref.gather(-1, r)).squeeze(-1)
     per = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
     loss = per.mean() if per.numel() else 0 * policy_logits.float().sum()
-    return PreferenceLoss(loss, (beta * chosen_lr).detach(), (beta * rejected_lr).detach()), pairs
+    with torch.no_grad():
+        lp_y, lp_r = pol.gather(-1, y).squeeze(-1), pol.gather(-1, r).squeeze(-1)
+    return PreferenceLoss(loss, (beta * chosen_lr).detach(), (beta * rejected_lr).detach(), lp_y, lp_r), pairs
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -104,28 +104,23 @@ def kd_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
 
 def qdpo_flips_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
     """Flip-level QDPO (`losses.flip_preference_loss`): eq. 5 at every position of the fp answer where the
-    reference π_q's argmax differs, from one teacher-forced pass of π_θ and of π_q over prompt + y_w
+    reference π_q's argmax differs (π_θ's own with `t.flips_of` = policy), from one teacher-forced pass of π_θ and of π_q over prompt + y_w
     (the anchored L = 1 pairs of every flip at once; the rejected answers are not read). With
     `t.kd_weight` > 0 (objective `qdpo_flips+kd`) plus λ·KL(fp ‖ π_θ) on all of y_w, from the same pass."""
-    from qdpo_ray.train.losses import flip_preference_loss, kd_loss, mixed_loss, strongest_other
+    from qdpo_ray.train.losses import flip_preference_loss, kd_loss, mixed_loss
 
     frozen = (reference, teacher) if t.objective == "qdpo_flips+kd" else (reference,)
     b, logits, others = _chosen_forward(policy, rows, pad_id, _device(policy), *frozen)
     sel = b["mask"].bool()
-    pl, flips = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta, t.flip_margin,
-                                     t.flips_of)
+    pl, _ = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta, t.flip_margin,
+                                 t.flips_of)
     kd = kd_loss(logits, others[1], b["mask"]) if len(others) > 1 else None
     loss = mixed_loss(pl, kd=kd, kd_weight=t.kd_weight if kd is not None else 0.0)
     # per flip (TRL's names, token-level): implicit rewards, and π_θ's log-probs of y_k and of r_k
-    with torch.no_grad():
-        pol = logits[sel][flips].float().log_softmax(-1)
-        y = b["labels"][sel][flips].unsqueeze(-1)
-        r = strongest_other(pol if t.flips_of == "policy" else others[0][sel][flips], y)
-        lp_y, lp_r = pol.gather(-1, y), pol.gather(-1, r)
     margins = pl.chosen_rewards - pl.rejected_rewards
     mean = (lambda x: x.double().mean().item() if x.numel() else 0.0)
     return loss, [loss.item(), mean(pl.chosen_rewards), mean(pl.rejected_rewards), mean(margins),
-                  mean(margins > 0), mean(lp_y), mean(lp_r)], float(b["attention_mask"].sum())
+                  mean(margins > 0), mean(pl.chosen_logps), mean(pl.rejected_logps)], float(b["attention_mask"].sum())
 
 
 @dataclass(frozen=True)
