@@ -40,19 +40,27 @@ def test_progress_lines_are_echoed_once_each(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_command_prints_one_line_per_step(tmp_path, tiny_model_dir):
-    """`qdpo-ray train` as a user runs it: step lines and the summary on the terminal; Ray's reports,
-    DeepSpeed and the workers' start-up in <out>/logs/train.log."""
+def test_kd_baseline_as_a_user_runs_it(tmp_path, tiny_model_dir):
+    """`qdpo-ray train --objective kd` as a user runs it: step lines and the summary on the terminal; Ray's
+    reports, DeepSpeed and the workers' start-up in <out>/logs/train.log. Full batch, so every step sees the
+    same answers: the KL to the fp teacher must fall, and the W4 export is named after the objective."""
+    import csv
+    import json
+    from pathlib import Path
+
     from conftest import synthetic_pairs
 
     pytest.importorskip("deepspeed")
-    pairs = synthetic_pairs(tmp_path / "pairs", n=8)
+    pairs = synthetic_pairs(tmp_path / "pairs", n=16)
     out = tmp_path / "train"
     cmd = [sys.executable, "-m", "qdpo_ray.cli", "train", f"--out={out}", f"--model={tiny_model_dir}",
-           f"--pairs={pairs}", "--max-steps=3", "--train.per_device_batch_size=2", "--train.warmup_steps=0",
-           "--train.checkpoint_every=3", "--train.export=false"]
+           f"--pairs={pairs}", "--objective=kd", "--max-steps=8", "--train.per_device_batch_size=16",
+           "--train.lr=1e-4", "--train.warmup_steps=0", "--train.schedule=constant", "--train.checkpoint_every=8"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "[train] step 3/3" in p.stdout and '"steps": 3' in p.stdout
+    assert "[train] step 8/8" in p.stdout and '"steps": 8' in p.stdout
     assert "RayTrainWorker" not in p.stdout + p.stderr and "TrainingReport" not in p.stdout + p.stderr
     assert "RayTrainWorker" in (out / "logs" / "train.log").read_text()
+    loss = [float(r["loss"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+    assert loss[0] > 0 and loss[-1] < 0.7 * loss[0]
+    assert Path(json.loads((out / "summary.json").read_text())["export"]).name == "w4-kd"

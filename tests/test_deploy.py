@@ -208,6 +208,33 @@ def test_serve_app_never_puts_the_key_into_ray_config(monkeypatch):
     assert "runtime_env" not in app._bound_deployment.ray_actor_options
 
 
+def test_serve_app_is_open_without_a_key_and_fails_closed_with_one(monkeypatch):
+    """`qdpo-ray serve` without QDPO_API_KEY builds an app that asks no token; with it, a request without the
+    token is refused, and a replica whose environment lost the key refuses everything (503) rather than
+    serving unauthenticated. The built app's own FastAPI app, over HTTP in-process (no route exists at the
+    path, so what answers is the auth layer or the 404 after it)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from qdpo_ray.config import load_config
+    from qdpo_ray.serve.app import build_app
+
+    def status(app, headers=None):
+        # @serve.ingress keeps the (frozen) FastAPI app in its replica constructor's closure
+        cells = app._bound_deployment.func_or_class.__init__.__closure__ or ()
+        fastapi_app = next(c.cell_contents for c in cells if isinstance(c.cell_contents, FastAPI))
+        return TestClient(fastapi_app).get("/v1/nothing", headers=headers).status_code
+
+    cfg = load_config(None, ["serve.engine.w4_kernel=packed"])
+    monkeypatch.delenv("QDPO_API_KEY", raising=False)
+    assert status(build_app(cfg, "/models/fp", "/models/w4")) == 404
+    monkeypatch.setenv("QDPO_API_KEY", "k-1")
+    closed = build_app(cfg, "/models/fp", "/models/w4")
+    assert status(closed) == 401 and status(closed, {"Authorization": "Bearer k-1"}) == 404
+    monkeypatch.delenv("QDPO_API_KEY")
+    assert status(closed, {"Authorization": "Bearer k-1"}) == 503
+
+
 def test_images_and_cluster_nodes_pin_w4a16_engines():
     """Hand-started engines (`vllm serve` on a node) get the W4A16 kernel too, not only ours."""
     from pathlib import Path

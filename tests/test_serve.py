@@ -2,7 +2,7 @@
 export), real HTTP on loopback, the official `openai` client, headless Chromium for the page.
 
 The module runs `qdpo-ray serve` once (~1.5 min to ready on 2 cores) with a bearer token set, like a
-user who exports QDPO_API_KEY; the last test stops it with Ctrl-C and starts it again without one.
+user who exports QDPO_API_KEY; the last test stops it with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -293,16 +293,16 @@ def test_evaluate_judged_by_the_served_model(server, tmp_path, monkeypatch, caps
     assert jr2["calls"]["requests"] == 0 and jr2["calls"]["cached"] == 8
 
 
-def test_without_key_routes_are_open(server, tmp_path):
-    """Ctrl-C stops the server cleanly; started again without QDPO_API_KEY, no token is needed."""
+def test_ctrl_c_stops_the_server_cleanly(server):
+    """Ctrl-C shuts Serve and the server's Ray down and exits 0, and nothing answers on the port after.
+    (That a server built without QDPO_API_KEY is open: tests/test_deploy.py, on the built app.)"""
     import httpx
 
     assert server.stop() == 0
-    srv = Server(tmp_path, _free_port(), None)
-    try:
-        srv.wait_ready()
-        assert httpx.get(srv.base + "/v1/models").status_code == 200
-        r = _post(srv.base, "/compare", {"prompt": "Say hi.", "max_tokens": 4}, token=None)
-        assert r.status_code == 200 and r.json()["fp"]["text"]
-    finally:
-        assert srv.stop() == 0
+    for _ in range(30):
+        try:
+            httpx.get(server.base + "/healthz", timeout=2)
+        except httpx.HTTPError:
+            return
+        time.sleep(1)
+    pytest.fail("the port still answers 30 s after the server exited")
