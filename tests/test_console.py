@@ -61,6 +61,6 @@ def test_kd_baseline_as_a_user_runs_it(tmp_path, tiny_model_dir):
     assert "[train] step 8/8" in p.stdout and '"steps": 8' in p.stdout
     assert "RayTrainWorker" not in p.stdout + p.stderr and "TrainingReport" not in p.stdout + p.stderr
     assert "RayTrainWorker" in (out / "logs" / "train.log").read_text()
-    loss = [float(r["loss"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+    loss = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())]
     assert loss[0] > 0 and loss[-1] < 0.7 * loss[0]
     assert Path(json.loads((out / "summary.json").read_text())["export"]).name == "w4-kd"

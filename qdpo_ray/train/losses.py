@@ -190,13 +190,13 @@ def flip_preference_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
     pol = policy_logits[pairs].float().log_softmax(-1)
     ref = ref_logits[pairs].detach().float().log_softmax(-1)
     y, r = y[pairs], rejected[pairs]
-    chosen_lr = (pol.gather(-1, y) - ref.gather(-1, y)).squeeze(-1)
-    rejected_lr = (pol.gather(-1, r) - ref.gather(-1, r)).squeeze(-1)
+    lp_y, lp_r = pol.gather(-1, y).squeeze(-1), pol.gather(-1, r).squeeze(-1)
+    chosen_lr = lp_y - ref.gather(-1, y).squeeze(-1)
+    rejected_lr = lp_r - ref.gather(-1, r).squeeze(-1)
     per = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
     loss = per.mean() if per.numel() else 0 * policy_logits.float().sum()
-    with torch.no_grad():
-        lp_y, lp_r = pol.gather(-1, y).squeeze(-1), pol.gather(-1, r).squeeze(-1)
-    return PreferenceLoss(loss, (beta * chosen_lr).detach(), (beta * rejected_lr).detach(), lp_y, lp_r), pairs
+    return (PreferenceLoss(loss, (beta * chosen_lr).detach(), (beta * rejected_lr).detach(), lp_y.detach(),
+                           lp_r.detach()), pairs)
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

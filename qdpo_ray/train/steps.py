@@ -104,9 +104,10 @@ def kd_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
 
 def qdpo_flips_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
     """Flip-level QDPO (`losses.flip_preference_loss`): eq. 5 at every position of the fp answer where the
-    reference π_q's argmax differs (π_θ's own with `t.flips_of` = policy), from one teacher-forced pass of π_θ and of π_q over prompt + y_w
-    (the anchored L = 1 pairs of every flip at once; the rejected answers are not read). With
-    `t.kd_weight` > 0 (objective `qdpo_flips+kd`) plus λ·KL(fp ‖ π_θ) on all of y_w, from the same pass."""
+    reference π_q's argmax differs (π_θ's own with `t.flips_of` = policy), from one teacher-forced pass of
+    π_θ and of π_q over prompt + y_w (the anchored L = 1 pairs of every flip at once; the rejected answers
+    are not read). With `t.kd_weight` > 0 (objective `qdpo_flips+kd`) plus λ·KL(fp ‖ π_θ) on all of y_w,
+    from the same pass."""
     from qdpo_ray.train.losses import flip_preference_loss, kd_loss, mixed_loss
 
     frozen = (reference, teacher) if t.objective == "qdpo_flips+kd" else (reference,)
