@@ -329,6 +329,10 @@ class JudgeConfig(_Section):
         512, ge=1, description="`qdpo-ray evaluate`: tokens per generated MT-Bench answer (FastChat: 1024).")
     num_beams: int = Field(1, ge=1, description="`qdpo-ray evaluate`: 1 = greedy answers; 3, 5 = beam search "
                            "(the paper's Table 5 ablation).")
+    answer_engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="`qdpo-ray evaluate`: what generates every model's MT-Bench answers: fp32 "
+        "transformers in-process, or an fp16 vLLM engine per model (several times faster; a full 80-question run "
+        "on a CPU needs it). Not for LoRA adapters (evaluate them with transformers).")
     baseline: str = Field("fp", min_length=1, description="Label of the answers every other model is compared with.")
     paper_one_tie: Literal["decisive", "tie"] = Field(
         "decisive", description="Paper rule: a win/loss in one order and a tie in the other counts as that "

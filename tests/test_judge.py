@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from qdpo_ray.config import ConfigError, JudgeConfig, load_config
 from qdpo_ray.evaluate import judge as J
@@ -439,13 +440,13 @@ def test_judge_config_section():
 def test_turn_two_sees_the_models_own_first_answer(tiny_model_dir, questions):
     from qdpo_ray.config import ModelConfig
     from qdpo_ray.data import format_prompt
-    from qdpo_ray.evaluate.answers import mtbench_answers
+    from qdpo_ray.evaluate.answers import mtbench_answers, transformers_generator
     from qdpo_ray.generate.hf import greedy_generate
     from qdpo_ray.models import load_model, load_tokenizer
 
     model, tok = load_model(tiny_model_dir, dtype="float32"), load_tokenizer(tiny_model_dir)
     mc = ModelConfig(name=tiny_model_dir)
-    got = mtbench_answers(model, tok, questions[:1], mc, turns=2, max_new_tokens=6, batch_size=2)
+    got = mtbench_answers(transformers_generator(model, tok, 6, batch_size=2), tok, questions[:1], mc, turns=2)
     q = questions[0]
     a1, a2 = got[q["question_id"]]
     # turn 2 is the greedy continuation of [question 1, the model's answer 1, question 2]
@@ -453,8 +454,43 @@ def test_turn_two_sees_the_models_own_first_answer(tiny_model_dir, questions):
     assert a2 == tok.decode(greedy_generate(model, tok, [ids], 6)[0], skip_special_tokens=True).strip()
     text = tok.decode(ids)
     assert text.index(q["turns"][0]) < text.index(a1) < text.index(q["turns"][1])
-    beams = mtbench_answers(model, tok, questions[:1], mc, turns=1, max_new_tokens=6, num_beams=3)
+    beams = mtbench_answers(transformers_generator(model, tok, 6, num_beams=3), tok, questions[:1], mc, turns=1)
     assert len(beams[q["question_id"]]) == 1  # beam search runs (Table 5); only turn 1 asked
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_beam_answers_are_the_fp_models_continuations(embedded_model_dir, questions):
+    """The vLLM answer engine's beam search (Table 5) returns only the answer's tokens, from a real engine.
+    (Its greedy path is `vllm_greedy`'s, checked against the fp32 model in test_vllm_w4.py.)"""
+    from qdpo_ray.config import ModelConfig
+    from qdpo_ray.data import format_prompt
+    from qdpo_ray.evaluate.answers import vllm_generator
+    from qdpo_ray.models import load_model, load_tokenizer
+
+    mc = ModelConfig(name=embedded_model_dir)
+    model, tok = load_model(mc, dtype="float32"), load_tokenizer(mc)
+    ids = [format_prompt(tok, [q["turns"][0]], mc) for q in questions]
+    beams = vllm_generator(embedded_model_dir, 12, num_beams=3)(ids)
+    assert len(beams) == len(ids)
+    for p, b in zip(ids, beams):
+        assert 0 < len(b) <= 12  # the prompt is not part of the answer
+        with torch.no_grad():
+            first = model(torch.tensor([p])).logits[0, -1].topk(6).indices.tolist()
+        assert b[0] in first  # a beam of width 3 starts from one of the 2 × 3 best first tokens
+
+
+def test_vllm_answer_engine_refuses_a_lora_adapter_before_any_work(tmp_path):
+    from qdpo_ray.evaluate.compare import run_evaluate
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    cfg = load_config("configs/evaluate_judge.yaml", [f"out={tmp_path / 'ev'}", "evaluate.judge.answer_engine=vllm",
+                                                      f"evaluate.models={{\"lora\": \"{adapter}\"}}"])
+    with pytest.raises(ConfigError, match=r"evaluate\.models\.lora.*answer_engine=transformers"):
+        run_evaluate(cfg)
+    assert not (tmp_path / "ev").exists()
 
 
 def test_evaluate_generates_answers_judges_and_resumes(fake, tiny_model_dir, tmp_path):

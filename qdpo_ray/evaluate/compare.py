@@ -22,13 +22,14 @@ import torch
 
 from qdpo_ray.config import ConfigError, RunConfig
 from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
-from qdpo_ray.evaluate.answers import mtbench_answers
+from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_generator, vllm_generator
 from qdpo_ray.evaluate.flips import top2_margin
 from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
 from qdpo_ray.generate.hf import greedy_generate, teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
-from qdpo_ray.models import load_model, load_tokenizer
+from qdpo_ray.models import load_model, load_tokenizer, resolve_model_path
 from qdpo_ray.quant.dense import checkpoint_digest
+from qdpo_ray.quant.export import ensure_rtn_checkpoint
 from qdpo_ray.quant.fake_quant import quantize_model_rtn
 from qdpo_ray.text_metrics import rouge_l
 
@@ -94,7 +95,7 @@ def _model(label: str, spec: str, fp, cfg: RunConfig):
         return fp
     if spec == "rtn":
         return quantize_model_rtn(copy.deepcopy(fp), cfg.quant)
-    if (Path(spec) / "adapter_config.json").is_file():
+    if _is_adapter(spec):
         # A QDPO + LoRA adapter, unmerged on the RTN base it was trained on (Q(W)x + BAx): the model as
         # trained. Merging and re-quantizing can round a small BA away (see docs/training.md).
         from peft import PeftModel
@@ -103,9 +104,19 @@ def _model(label: str, spec: str, fp, cfg: RunConfig):
     return load_model(spec, dtype="float32")
 
 
+def _is_adapter(spec: str) -> bool:
+    return (Path(spec) / "adapter_config.json").is_file()
+
+
 def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     """Evaluate `cfg.evaluate.models` (label → "rtn" or a checkpoint) against the fp model `cfg.model`."""
     models, ppl_texts = cfg.evaluate.models, cfg.evaluate.perplexity_texts
+    judge = cfg.evaluate.judge
+    if judge and judge.answer_engine == "vllm":
+        for label, spec in models.items():
+            if _is_adapter(spec) and label not in judge.answers:
+                raise ConfigError(f"evaluate.models.{label}={spec!r} is a LoRA adapter, which the vLLM answer engine "
+                                  "does not run; set --evaluate.judge.answer_engine=transformers")
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +128,6 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     fp_answers = greedy_generate(fp, tok, ids, n_tok, cfg.flips.batch_size)
     fp_text = [tok.decode(a, skip_special_tokens=True) for a in fp_answers]
     windows, ppl_label = perplexity_windows(tok, cfg.evaluate.perplexity_corpus, ppl_texts)
-    judge = cfg.evaluate.judge
     questions = load_questions(judge.questions, judge.questions_limit, judge.categories) if judge else []
     mt_answers: dict[str, dict] = {}
 
@@ -171,16 +181,27 @@ def _judge_answers_of(model, tok, label: str, spec: str, questions, cfg: RunConf
     weights = checkpoint_digest(spec) if Path(spec, "config.json").is_file() and list(Path(spec).glob("*.safetensors")) \
         else {"spec": spec, "model": cfg.model.model_dump(mode="json"), "quant": cfg.quant.model_dump(mode="json")}
     key = {"weights": weights, "max_new_tokens": judge.answer_max_new_tokens, "num_beams": judge.num_beams,
+           "engine": judge.answer_engine,
            "turns": max(judge.turns), "questions": [[q["question_id"], q["turns"]] for q in questions],
            "chat": [cfg.model.chat_template, cfg.model.system_prompt]}
     path, key_path = folder / f"{label}.jsonl", folder / f"{label}.key.json"
     if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
         return load_answers(path)
-    answers = mtbench_answers(model, tok, questions, cfg.model, max(judge.turns), judge.answer_max_new_tokens,
-                              cfg.flips.batch_size, judge.num_beams)
+    answers = mtbench_answers(_answer_generator(model, tok, label, spec, cfg, folder.parent), tok, questions,
+                              cfg.model, max(judge.turns))
     save_answers(path, answers, model=spec)
     atomic_write_json(key_path, key)
     return answers
+
+
+def _answer_generator(model, tok, label: str, spec: str, cfg: RunConfig, out: Path) -> Generate:
+    judge = cfg.evaluate.judge
+    if judge.answer_engine == "transformers":
+        return transformers_generator(model, tok, judge.answer_max_new_tokens, cfg.flips.batch_size, judge.num_beams)
+    # the engine loads weights from disk: fp's own directory, RTN exported once into the run directory
+    model_dir = (resolve_model_path(cfg.model.name) if label == "fp"
+                 else ensure_rtn_checkpoint(cfg, out / "w4-rtn") if spec == "rtn" else spec)
+    return vllm_generator(model_dir, judge.answer_max_new_tokens, judge.num_beams)
 
 
 def judge_summary(jr: dict[str, Any]) -> dict[str, Any]:

@@ -5,13 +5,14 @@ vLLM starts worker processes with `spawn`, which re-imports the caller's `__main
 CLI). Input and output are JSON files so that the exact prompt token ids travel unchanged.
 
     python -m qdpo_ray.generate.vllm_greedy --model DIR --inp prompts.json --out answers.json \
-        --max-tokens 64 --dtype bfloat16 [--logprobs 2]
+        --max-tokens 64 --dtype bfloat16 [--logprobs 2] [--beams 3] [--max-model-len 4096]
 
 prompts.json: {"prompt_token_ids": [[...], ...]}
 answers.json: {"token_ids": [[...], ...], "top_logprobs": [[[[id, lp], [id, lp]], ...], ...] | null,
                "engine_start_s": float, "generate_s": float, "engine_model": the directory vLLM loaded}
 
 A packed W4 checkpoint runs as its dense π_q copy (cached) on CPUs whose vLLM build lacks the W4 kernel.
+`--beams N` (N > 1) is vLLM's beam search instead of greedy (the best beam's tokens; no log-probs).
 """
 
 from __future__ import annotations
@@ -46,21 +47,32 @@ def _runnable(model: str, dtype: str) -> str:
 
 
 def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
-        logprobs: int | None = None, max_model_len: int = 2048, seed: int = 0) -> dict:
+        logprobs: int | None = None, max_model_len: int = 2048, seed: int = 0, beams: int = 1) -> dict:
     from qdpo_ray.generate.engine import apply_w4a16_env
 
     apply_w4a16_env()
     from vllm import LLM, SamplingParams
+    from vllm.sampling_params import BeamSearchParams
 
     model = _runnable(model, dtype)
     t0 = time.time()
     llm = LLM(**_engine_kwargs(model, dtype, max_model_len, seed))
     t1 = time.time()
+    prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
+    top = None
+    if beams > 1:
+        if logprobs:
+            raise ValueError("beam search returns no per-token log-probs; ask for --logprobs with --beams 1")
+        outs = llm.beam_search(prompts, BeamSearchParams(beam_width=beams, max_tokens=max_tokens))
+        t2 = time.time()
+        # a beam's tokens are the prompt's followed by the answer's
+        token_ids = [list(o.sequences[0].tokens[len(ids):]) for o, ids in zip(outs, prompt_token_ids)]
+        return {"token_ids": token_ids, "top_logprobs": None, "engine_start_s": t1 - t0, "generate_s": t2 - t1,
+                "engine_model": model}
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=logprobs, seed=seed)
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     t2 = time.time()
     token_ids = [list(o.outputs[0].token_ids) for o in outs]
-    top = None
     if logprobs:
         top = [[sorted(([tid, lp.logprob] for tid, lp in step.items()), key=lambda x: -x[1])[:logprobs]
                 for step in o.outputs[0].logprobs] for o in outs]
@@ -69,13 +81,15 @@ def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: s
 
 
 def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
-                   logprobs: int | None = None, timeout: float = 900) -> dict:
+                   logprobs: int | None = None, timeout: float = 900, beams: int = 1,
+                   max_model_len: int = 2048) -> dict:
     """`run` in a fresh Python process (safe to call from anywhere)."""
     with tempfile.TemporaryDirectory() as d:
         inp, out = Path(d) / "in.json", Path(d) / "out.json"
         inp.write_text(json.dumps({"prompt_token_ids": prompt_token_ids}))
         cmd = [sys.executable, "-m", "qdpo_ray.generate.vllm_greedy", "--model", model, "--inp", str(inp),
-               "--out", str(out), "--max-tokens", str(max_tokens), "--dtype", dtype]
+               "--out", str(out), "--max-tokens", str(max_tokens), "--dtype", dtype, "--beams", str(beams),
+               "--max-model-len", str(max_model_len)]
         if logprobs:
             cmd += ["--logprobs", str(logprobs)]
         from qdpo_ray.generate.engine import apply_w4a16_env
@@ -96,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--logprobs", type=int, default=None)
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=2048)
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from qdpo_ray.generate.engine import apply_w4a16_env
 
     apply_w4a16_env()  # before vllm is imported: its env module reads the variable once
     ids = json.loads(Path(a.inp).read_text())["prompt_token_ids"]
-    res = run(a.model, ids, a.max_tokens, a.dtype, a.logprobs)
+    res = run(a.model, ids, a.max_tokens, a.dtype, a.logprobs, max_model_len=a.max_model_len, beams=a.beams)
     Path(a.out).write_text(json.dumps(res))
     return 0
 
