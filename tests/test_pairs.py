@@ -1,8 +1,8 @@
 """Pair generation on real components: a local Ray cluster, two real vLLM CPU engines, the shipped model.
 
-One module-scoped run generates the pairs; the other tests check them against plain PyTorch greedy
-decoding, then exercise resume (a deleted part file is regenerated, nothing else) and a killed engine
-actor (Ray restarts it and the run still has exactly one row per prompt).
+One module-scoped run generates the pairs, its engine actor SIGKILLed mid-run (Ray restarts it and the run
+still has exactly one row per prompt); the other tests check those pairs against plain PyTorch greedy
+decoding, then exercise resume (a deleted part file is regenerated, nothing else).
 """
 
 import copy
@@ -25,19 +25,50 @@ def _cfg(out, **pairs):
     from qdpo_ray.config import load_config
 
     over = [f"out={out}", "model.name=smollm2-135m", "prompts.source=builtin:eval", f"prompts.limit={N}",
-            f"pairs.max_new_tokens={TOKENS}", "pairs.engine.batch_size=4",
+            f"pairs.max_new_tokens={TOKENS}", f"pairs.engine.batch_size={BATCH}", "pairs.engine.max_concurrent_batches=1",
             "pairs.drop_identical=false", "pairs.fidelity_sample=0"]  # the anchored test checks fidelity
     over += [f"pairs.{k}={json.dumps(v)}" for k, v in pairs.items()]
     return load_config(None, over)
 
 
+def _engine_pids():
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and b"vLLMEngineStageUDF" in Path(f"/proc/{d}/cmdline").read_bytes():
+                pids.append(int(d))
+        except OSError:
+            pass
+    return pids
+
+
+# Batches of 2 prompts, one in flight: six parts, so the run is still going when the first one is written.
+BATCH = 2
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory, ray_local, embedded_model_dir):
+    """One generation run whose engine actor is SIGKILLed mid-run (after the first part is written): every
+    test below checks the output of a run that survived an engine restart."""
     from qdpo_ray.generate.pairs import run_pairs
 
     out = tmp_path_factory.mktemp("pairs")
+    killed = []
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if list((out / "raw").glob("part-*.parquet")) and _engine_pids():
+                pid = _engine_pids()[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
     summary = run_pairs(_cfg(out))
-    return out, summary
+    t.join(timeout=5)
+    return out, summary, killed
 
 
 def _agreement(model, rows, key):
@@ -63,7 +94,7 @@ def test_pairs_match_fp_and_w4_greedy(generated):
     from qdpo_ray.models import load_model, load_tokenizer
     from qdpo_ray.quant.fake_quant import to_fake_quant
 
-    out, summary = generated
+    out, summary, _ = generated
     rows = load_pairs(out)
     prompts = load_prompts(PromptsConfig(source="builtin:eval", limit=N))
     assert [r["id"] for r in rows] == [p["id"] for p in prompts.rows]  # one row per prompt, in order
@@ -93,13 +124,13 @@ def test_pairs_match_fp_and_w4_greedy(generated):
 def test_resume_regenerates_only_missing_parts(generated):
     from qdpo_ray.generate.pairs import load_pairs, run_pairs
 
-    out, _ = generated
+    out, _, _ = generated
     before = {r["id"]: r for r in load_pairs(out)}
     parts = sorted((out / "raw").glob("part-*.parquet"))
-    assert len(parts) == N // 4
+    assert len(parts) == N // BATCH
     parts[0].unlink()
     s = run_pairs(_cfg(out))
-    assert s["generated_this_run"] == 4 and s["pairs_generated"] == N
+    assert s["generated_this_run"] == BATCH and s["pairs_generated"] == N
     after = {r["id"]: r for r in load_pairs(out)}
     assert after.keys() == before.keys()
     assert all(after[i]["chosen_token_ids"] == before[i]["chosen_token_ids"] for i in before)  # greedy is exact
@@ -111,48 +142,21 @@ def test_changed_config_in_same_out_is_refused(generated):
     from qdpo_ray.config import ConfigError
     from qdpo_ray.generate.pairs import run_pairs
 
-    out, _ = generated
+    out, _, _ = generated
     cfg = _cfg(out)
     cfg.pairs.max_new_tokens = TOKENS + 1
     with pytest.raises(ConfigError, match="different config.*pairs.overwrite"):
         run_pairs(cfg)
 
 
-def test_killed_engine_actor_is_restarted(tmp_path, ray_local, embedded_model_dir):
-    from qdpo_ray.generate.pairs import load_pairs, run_pairs
+def test_killed_engine_actor_is_restarted(generated):
+    from qdpo_ray.generate.pairs import load_pairs
 
-    out = tmp_path / "killed"
-    killed = []
-
-    def engine_pids():
-        pids = []
-        for d in os.listdir("/proc"):
-            try:
-                if d.isdigit() and b"vLLMEngineStageUDF" in Path(f"/proc/{d}/cmdline").read_bytes():
-                    pids.append(int(d))
-            except OSError:
-                pass
-        return pids
-
-    def killer():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            # mid-run: one batch has gone through both engines and been written, others have not
-            if list((out / "raw").glob("part-*.parquet")) and engine_pids():
-                pid = engine_pids()[0]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.2)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    s = run_pairs(_cfg(out, **{"engine.batch_size": 2, "engine.max_concurrent_batches": 1}))
-    t.join(timeout=5)
+    out, s, killed = generated
     assert killed, "the engine actor was never killed (run finished too early?)"
     rows = load_pairs(out)
     assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == N
     assert s["pairs_generated"] == N
-    assert len(list((out / "raw").glob("part-*.parquet"))) >= 2
 
 
 # Near-tie tolerance of the anchored check below: the engines compute in fp16, the reference is the fp32
@@ -171,7 +175,7 @@ def test_anchored_pairs_share_prefix_and_flip_at_anchor(tmp_path, ray_local, emb
 
     L = 4
     s = run_pairs(_cfg(tmp_path / "anchored", mode="anchored", anchors_per_prompt=3, continuation_len=L,
-                       fidelity_sample=6))
+                       fidelity_sample=6, **{"engine.batch_size": 4, "engine.max_concurrent_batches": 4}))
     rows = load_pairs(tmp_path / "anchored")
     tok = load_tokenizer("smollm2-135m")
     orig = {p["id"]: p for p in load_prompts(PromptsConfig(source="builtin:eval", limit=N)).rows}

@@ -28,13 +28,24 @@ def _cfg(out, model, pairs, *extra):
                               "train.per_device_batch_size=4", *extra])
 
 
-def test_qdpo_zero2_learns(tmp_path, ray_local, tiny_model_dir, pairs16):
-    from transformers import AutoModelForCausalLM
+# Full batch (2 workers × 8 = all 16 pairs each step), a checkpoint every 2 steps: one run that shows ZeRO-2
+# learning, is the exact reference of the killed-worker resume, and is round 1 of an on-policy round.
+FULL_BATCH = ("train.per_device_batch_size=8", "train.max_steps=12", "train.checkpoint_every=2", "train.max_failures=2")
 
+
+@pytest.fixture(scope="module")
+def full_batch_run(tmp_path_factory, ray_local, tiny_model_dir, pairs16):
     from qdpo_ray.train.trainer import run_train
 
-    s = run_train(_cfg(tmp_path, tiny_model_dir, pairs16, "train.max_steps=16", "train.checkpoint_every=8"))
-    hist = [json.loads(json.dumps(r)) for r in _metrics(tmp_path)]
+    out = tmp_path_factory.mktemp("full_batch")
+    return out, run_train(_cfg(out, tiny_model_dir, pairs16, *FULL_BATCH))
+
+
+def test_qdpo_zero2_learns(full_batch_run):
+    from transformers import AutoModelForCausalLM
+
+    out, s = full_batch_run
+    hist = _metrics(out)
     first, last = hist[0], hist[-1]
     # step 0: π_θ ≡ π_q, so the implicit rewards vanish and the loss is log 2
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
@@ -42,9 +53,29 @@ def test_qdpo_zero2_learns(tmp_path, ray_local, tiny_model_dir, pairs16):
     assert last["loss"] < first["loss"] - 0.3
     assert last["rewards/margins"] > 0.5 and last["rewards/accuracies"] == 1.0
     assert last["rewards/chosen"] > 0 > last["rewards/rejected"]
-    assert s["steps"] == 16 and (tmp_path / "training.png").is_file() and list((tmp_path / "tensorboard").iterdir())
+    assert s["steps"] == 12 and (out / "training.png").is_file() and list((out / "tensorboard").iterdir())
     w4 = AutoModelForCausalLM.from_pretrained(s["export"], dtype=torch.float32)
     assert w4.config.quantization_config is not None
+
+
+def test_next_round_starts_from_trained_weights_with_them_as_reference(tmp_path, full_batch_run, tiny_model_dir,
+                                                                      pairs16):
+    """An on-policy round (train.rounds): π_θ and the reference both start at the previous round's
+    result, so step-0 rewards are 0 again — against a reference that is no longer π_q."""
+    import pyarrow.parquet as pq
+
+    from qdpo_ray.train.rounds import final_weights
+    from qdpo_ray.train.trainer import run_train
+
+    r1_out, r1 = full_batch_run
+    r2 = run_train(_cfg(tmp_path / "r2", tiny_model_dir, pairs16, "train.num_workers=1", "train.max_steps=1",
+                        "train.export=false"), init_weights=final_weights(r1))
+    first = _metrics(tmp_path / "r2")[0]
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    ref1 = pq.read_table(r1_out / "reference.parquet").column("ref_rejected_logps").to_pylist()
+    ref2 = pq.read_table(tmp_path / "r2" / "reference.parquet").column("ref_rejected_logps").to_pylist()
+    assert max(abs(a - b) for a, b in zip(ref1, ref2)) > 0.1  # round 1 moved the rejected answers' log-probs
+    assert r2["run_name"] != r1["run_name"]
 
 
 def _metrics(out):
@@ -76,15 +107,14 @@ def _train_worker_pids():
     return pids
 
 
-def test_killed_worker_resumes_to_same_loss(tmp_path, ray_local, tiny_model_dir, pairs16):
+def test_killed_worker_resumes_to_same_loss(tmp_path, full_batch_run, tiny_model_dir, pairs16):
     from qdpo_ray.train.trainer import run_train
 
-    # Full batch (2 workers × 8 = all 16 pairs each step): the result cannot depend on which rows
-    # each worker's shard holds after the restart, so a correct resume must reproduce the run exactly.
+    # Full batch: the result cannot depend on which rows each worker's shard holds after the restart, so a
+    # correct resume must reproduce the uninterrupted run exactly.
     # The kill lands after the first checkpoint with most steps still to run: on a fast CPU the tail of
     # a short run can finish between two polls, and a run with nothing left to resume proves nothing.
-    extra = ("train.per_device_batch_size=8", "train.max_steps=12", "train.checkpoint_every=2", "train.max_failures=2")
-    ref = run_train(_cfg(tmp_path / "ref", tiny_model_dir, pairs16, *extra))
+    _, ref = full_batch_run
     out = tmp_path / "killed"
     killed = []
 
@@ -102,7 +132,7 @@ def test_killed_worker_resumes_to_same_loss(tmp_path, ray_local, tiny_model_dir,
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    res = run_train(_cfg(out, tiny_model_dir, pairs16, *extra))
+    res = run_train(_cfg(out, tiny_model_dir, pairs16, *FULL_BATCH))
     th.join(timeout=5)
     assert killed, "no worker was killed"
     assert res["steps"] == 12
@@ -120,35 +150,6 @@ def test_lora_trains_adapters_only(tmp_path, ray_local, tiny_model_dir, pairs16)
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert s["trainable_params"] < 0.1 * s["total_params"]
     assert Path(s["adapter"], "adapter_config.json").is_file() and Path(s["export"], "config.json").is_file()
-
-
-def test_next_round_starts_from_trained_weights_with_them_as_reference(tmp_path, ray_local, tiny_model_dir, pairs16):
-    """An on-policy round (train.rounds): π_θ and the reference both start at the previous round's
-    result, so step-0 rewards are 0 again — against a reference that is no longer π_q."""
-    import pyarrow.parquet as pq
-
-    from qdpo_ray.train.rounds import final_weights
-    from qdpo_ray.train.trainer import run_train
-
-    extra = ("train.num_workers=1", "train.max_steps=4", "train.checkpoint_every=4")
-    r1 = run_train(_cfg(tmp_path / "r1", tiny_model_dir, pairs16, *extra))
-    r2 = run_train(_cfg(tmp_path / "r2", tiny_model_dir, pairs16, *extra), init_weights=final_weights(r1))
-    first = _metrics(tmp_path / "r2")[0]
-    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
-    ref1 = pq.read_table(tmp_path / "r1" / "reference.parquet").column("ref_rejected_logps").to_pylist()
-    ref2 = pq.read_table(tmp_path / "r2" / "reference.parquet").column("ref_rejected_logps").to_pylist()
-    assert max(abs(a - b) for a, b in zip(ref1, ref2)) > 0.1  # round 1 moved the rejected answers' log-probs
-    assert r2["run_name"] != r1["run_name"]
-
-
-def test_new_pairs_at_the_same_path_start_a_new_run(tmp_path, ray_local, tiny_model_dir):
-    """The Ray Train run name hashes the pairs' content, so different pairs never resume old checkpoints."""
-    from qdpo_ray.train.trainer import run_train
-
-    extra = ("train.num_workers=1", "train.max_steps=2", "train.export=false")
-    a = run_train(_cfg(tmp_path / "o", tiny_model_dir, synthetic_pairs(tmp_path / "p", n=8, seed=0), *extra))
-    b = run_train(_cfg(tmp_path / "o", tiny_model_dir, synthetic_pairs(tmp_path / "p", n=8, seed=1), *extra))
-    assert a["run_name"] != b["run_name"] and b["steps"] == 2
 
 
 def test_flip_level_qdpo_with_kd_trains_and_a_round_takes_the_new_reference(tmp_path, ray_local, tiny_model_dir, pairs16):

@@ -279,6 +279,26 @@ def test_reference_cache_key_covers_precision_revision_and_start():
     assert k == reference_key(load_config(None, ["train.lr=1e-6"]), "pairs")  # the optimizer is not the reference
 
 
+def test_run_name_changes_with_the_pairs_the_config_and_the_start(tmp_path):
+    """New pairs written at the same path start a new Ray Train run instead of resuming the old one's checkpoints."""
+    from conftest import synthetic_pairs
+
+    from qdpo_ray.config import load_config
+    from qdpo_ray.train.trainer import pairs_digest, prepare_pairs, run_name
+
+    def digest(seed):
+        path = synthetic_pairs(tmp_path / "p", n=8, seed=seed)  # the same path, rewritten
+        return pairs_digest(prepare_pairs(load_config(None, [f"train.pairs={path}", "train.per_device_batch_size=1"])))
+
+    base = load_config(None, [])
+    a, b = digest(0), digest(1)
+    assert a == digest(0) and a != b
+    assert run_name(base, a) == run_name(load_config(None, []), a)
+    assert run_name(base, a) != run_name(base, b)
+    assert run_name(base, a) != run_name(base, a, "round-2 weights")
+    assert run_name(base, a) != run_name(load_config(None, ["train.lr=1e-6"]), a)
+
+
 def test_unexportable_bits_are_refused_before_training():
     from qdpo_ray.config import ConfigError, load_config
     from qdpo_ray.train.trainer import check

@@ -99,6 +99,12 @@ def reference_key(cfg: RunConfig, digest: str, init_digest: str | None = None) -
                                    sort_keys=True).encode()).hexdigest()
 
 
+def run_name(cfg: RunConfig, digest: str, init_digest: str | None = None) -> str:
+    """The Ray Train run's name, hence its checkpoint folder: a resumed run continues only the same
+    configuration on the same pairs from the same starting weights, never a run on other pairs."""
+    return "train-" + _hash([cfg.model_dump(mode="json"), digest, init_digest])
+
+
 def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path, pad_id: int = 0,
                    init_weights_ref=None, init_digest: str | None = None) -> list[dict[str, Any]]:
     """Rows with ref log-probs (scored on the cluster by `reference.score_on_ray`), cached in
@@ -156,7 +162,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
     if t.gpus_per_worker:
         resources["GPU"] = t.gpus_per_worker
     cfg_json = cfg.model_dump(mode="json")
-    run_name = "train-" + _hash([cfg_json, pairs_digest(rows), init_digest])
+    name = run_name(cfg, pairs_digest(rows), init_digest)
     trainer = TorchTrainer(
         _train_loop,
         # the pairs travel through the object store, not a Ray Data split: every (re)started worker
@@ -165,7 +171,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
                            "init_weights": init_ref, "progress_dir": str(out)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RayRunConfig(name=run_name, storage_path=str(out / "ray"),
+        run_config=RayRunConfig(name=name, storage_path=str(out / "ray"),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 failure_config=FailureConfig(max_failures=t.max_failures)),
     )
@@ -179,7 +185,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
     history = state["history"]
     summary = {"objective": t.objective, "steps": state["step"], "pairs": len(rows), "wall_s": round(time.time() - t0, 1),
                "final": history[-1] if history else None, "checkpoint": result.checkpoint.path,
-               "run_name": run_name}
+               "run_name": name}
     write_reports(history, out, objective=t.objective,
                   title=f"{t.objective.upper()} ({cfg.quant.label}, {'' if t.objective == 'kd' else f'β={t.beta}, '}lr={t.lr})")
     summary.update(export_trained(cfg, weights, out, tok, init_weights))
