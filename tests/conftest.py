@@ -1,5 +1,6 @@
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,18 @@ def save_tiny_model_dir(path, seed: int = 0):
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
+
+
+def pids_with(cmdline_part: bytes) -> list[int]:
+    """Processes whose command line contains `cmdline_part` (a Ray actor's class name, for kill tests)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and cmdline_part in Path(f"/proc/{d}/cmdline").read_bytes():
+                pids.append(int(d))
+        except OSError:
+            pass
+    return pids
 
 
 def synthetic_pairs(path, n: int = 16, seed: int = 0, vocab: int = 49152):

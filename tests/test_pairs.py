@@ -11,10 +11,11 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import pids_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -29,17 +30,6 @@ def _cfg(out, **pairs):
             "pairs.drop_identical=false", "pairs.fidelity_sample=0"]  # the anchored test checks fidelity
     over += [f"pairs.{k}={json.dumps(v)}" for k, v in pairs.items()]
     return load_config(None, over)
-
-
-def _engine_pids():
-    pids = []
-    for d in os.listdir("/proc"):
-        try:
-            if d.isdigit() and b"vLLMEngineStageUDF" in Path(f"/proc/{d}/cmdline").read_bytes():
-                pids.append(int(d))
-        except OSError:
-            pass
-    return pids
 
 
 # Batches of 2 prompts, one in flight: six parts, so the run is still going when the first one is written.
@@ -58,8 +48,8 @@ def generated(tmp_path_factory, ray_local, embedded_model_dir):
     def killer():
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
-            if list((out / "raw").glob("part-*.parquet")) and _engine_pids():
-                pid = _engine_pids()[0]
+            if list((out / "raw").glob("part-*.parquet")) and pids_with(b"vLLMEngineStageUDF"):
+                pid = pids_with(b"vLLMEngineStageUDF")[0]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.2)

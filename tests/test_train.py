@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import synthetic_pairs
+from conftest import pids_with, synthetic_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -96,17 +96,6 @@ def test_qdpo_zero3_step0_and_export(tmp_path, ray_local, tiny_model_dir, pairs1
     assert Path(s["export"], "model.safetensors").is_file()
 
 
-def _train_worker_pids():
-    pids = []
-    for d in os.listdir("/proc"):
-        try:
-            if d.isdigit() and b"RayTrainWorker" in Path(f"/proc/{d}/cmdline").read_bytes():
-                pids.append(int(d))
-        except OSError:
-            pass
-    return pids
-
-
 def test_killed_worker_resumes_to_same_loss(tmp_path, full_batch_run, tiny_model_dir, pairs16):
     from qdpo_ray.train.trainer import run_train
 
@@ -124,7 +113,7 @@ def test_killed_worker_resumes_to_same_loss(tmp_path, full_batch_run, tiny_model
             ray_dir = out / "ray"
             if ray_dir.exists() and list(ray_dir.rglob("checkpoint_*/train_state.json")):
                 state = json.loads(sorted(ray_dir.rglob("checkpoint_*/train_state.json"))[-1].read_text())
-                pids = _train_worker_pids()
+                pids = pids_with(b"RayTrainWorker")
                 if 2 <= state["step"] < 12 and pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed.append(state["step"])
