@@ -96,6 +96,10 @@ def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: in
 
         env = apply_w4a16_env(dict(os.environ))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if len(os.sched_getaffinity(0)) <= 4:
+            # vLLM's CPU binding keeps a core for its scheduler process, which idles in an offline run: on
+            # a 2-core machine that halves generation. Bigger machines keep vLLM's NUMA-aware default.
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
