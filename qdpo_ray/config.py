@@ -331,7 +331,8 @@ class JudgeConfig(_Section):
                            "(the paper's Table 5 ablation).")
     answer_engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="`qdpo-ray evaluate`: what generates every model's MT-Bench answers: fp32 "
-        "transformers in-process, or an fp16 vLLM engine per model (several times faster; a full 80-question run "
+        "transformers in-process, or a vLLM engine per model (fp32 on CPUs without the W4 kernel, else fp16; "
+        "several times faster: a full 80-question run "
         "on a CPU needs it). Not for LoRA adapters (evaluate them with transformers).")
     baseline: str = Field("fp", min_length=1, description="Label of the answers every other model is compared with.")
     paper_one_tie: Literal["decisive", "tie"] = Field(

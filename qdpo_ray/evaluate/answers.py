@@ -5,8 +5,8 @@ answer to it, question 2 — as FastChat's `gen_model_answer` builds it. Token i
 generators, chosen once per evaluation so that two models' answers differ by their weights only:
 
   transformers   fp32, in this process (the same path as the rest of `qdpo-ray evaluate`)
-  vllm           one fp16 vLLM engine per model and turn, in a process of its own (several times faster on a
-                 CPU; fp16 tracks fp32 closely on the embedded model, docs/results.md)
+  vllm           one vLLM engine per model and turn, in a process of its own (several times faster on a CPU),
+                 fp32 or fp16 as the pairs engines choose (`vllm_dtype`)
 """
 
 from __future__ import annotations
@@ -24,13 +24,24 @@ def transformers_generator(model, tok, max_new_tokens: int, batch_size: int = 8,
     return lambda ids: greedy_generate(model, tok, ids, max_new_tokens, batch_size, num_beams=num_beams)
 
 
+def vllm_dtype() -> str:
+    """The answer engines' dtype, the pairs engines' `dtype: auto`: fp32 where π_q runs as its dense copy (a
+    CPU without vLLM's W4A16 kernel: exact, and 2x faster there than emulated fp16), fp16 where the kernel
+    runs it (AVX-512 CPUs, GPUs). One dtype for every model of an evaluation."""
+    import torch
+
+    from qdpo_ray.generate.engine import cpu_has_w4_kernel
+
+    return "float16" if torch.cuda.is_available() or cpu_has_w4_kernel() else "float32"
+
+
 def vllm_generator(model_dir: str, max_new_tokens: int, num_beams: int = 1) -> Generate:
     from qdpo_ray.generate.vllm_greedy import run_subprocess
 
     def generate(ids: list[list[int]]) -> list[list[int]]:
         # the engine's context must hold the longest conversation and its answer; vLLM rejects longer prompts
         longest = max(map(len, ids)) + max_new_tokens
-        return run_subprocess(model_dir, ids, max_new_tokens, "float16", beams=num_beams,
+        return run_subprocess(model_dir, ids, max_new_tokens, vllm_dtype(), beams=num_beams,
                               max_model_len=-(-longest // 256) * 256, timeout=3600)["token_ids"]
 
     return generate
