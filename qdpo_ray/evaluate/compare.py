@@ -22,7 +22,7 @@ import torch
 
 from qdpo_ray.config import ConfigError, RunConfig
 from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
-from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_generator, vllm_generator
+from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_generator, vllm_dtype, vllm_generator
 from qdpo_ray.evaluate.flips import top2_margin
 from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
 from qdpo_ray.generate.hf import greedy_generate, teacher_forced
@@ -181,7 +181,7 @@ def _judge_answers_of(model, tok, label: str, spec: str, questions, cfg: RunConf
     weights = checkpoint_digest(spec) if Path(spec, "config.json").is_file() and list(Path(spec).glob("*.safetensors")) \
         else {"spec": spec, "model": cfg.model.model_dump(mode="json"), "quant": cfg.quant.model_dump(mode="json")}
     key = {"weights": weights, "max_new_tokens": judge.answer_max_new_tokens, "num_beams": judge.num_beams,
-           "engine": judge.answer_engine,
+           "engine": judge.answer_engine if judge.answer_engine == "transformers" else f"vllm/{vllm_dtype()}",
            "turns": max(judge.turns), "questions": [[q["question_id"], q["turns"]] for q in questions],
            "chat": [cfg.model.chat_template, cfg.model.system_prompt]}
     path, key_path = folder / f"{label}.jsonl", folder / f"{label}.key.json"
