@@ -11,9 +11,17 @@ to match exactly.
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import pids_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -67,3 +75,51 @@ def test_vllm_w4_matches_fake_quant(tmp_path, embedded_model_dir, dtype):
     assert worst_gap < 0.1  # a disagreement is a near tie in the fp32 model, never a different answer
     assert exact_prefix >= N_PROMPTS - 1
     assert identical >= N_PROMPTS // 2
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("victim", ["engine_driver", "caller"])
+def test_no_vllm_process_outlives_a_kill(tmp_path, embedded_model_dir, victim):
+    """SIGTERM to `vllm_greedy`'s process (engine_driver), or to the program that called `run_subprocess`
+    (caller), while the engine runs: none of the engine's processes is left. vLLM's EngineCore and Worker
+    used to outlive a killed driver and spin."""
+    caller = tmp_path / "caller.py"
+    caller.write_text("from qdpo_ray.generate.vllm_greedy import run_subprocess\n"
+                      f"run_subprocess({embedded_model_dir!r}, [[1, 2, 3]] * 8, 512, 'float32')\n")
+    proc = subprocess.Popen([sys.executable, str(caller)], stderr=subprocess.DEVNULL)
+    try:
+        _kill_and_check(proc, victim)
+    finally:
+        proc.kill()
+
+
+def _kill_and_check(proc, victim):
+    deadline, chain = time.time() + 300, None
+    while time.time() < deadline and chain is None:
+        for pid in pids_with(b"VLLM::Worker"):  # other engines may run on this machine: follow the parents
+            try:
+                up = [pid]
+                while up[-1] > 1 and up[-1] != proc.pid:
+                    up.append(_ppid(up[-1]))
+                if up[-1] == proc.pid:
+                    chain = up[:-1]  # Worker, EngineCore, …, vllm_greedy (the caller's child)
+            except (OSError, IndexError, ValueError):
+                pass
+        time.sleep(0.5)
+    assert chain is not None, "no vLLM worker appeared under the caller"
+    os.kill(chain[-1] if victim == "engine_driver" else proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(map(_alive, chain)):
+        time.sleep(0.5)
+    assert not [p for p in chain if _alive(p)], f"of the engine's processes {chain}, these outlived the kill"

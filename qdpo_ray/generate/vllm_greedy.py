@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -100,10 +102,38 @@ def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: in
             # vLLM's CPU binding keeps a core for its scheduler process, which idles in an offline run: on
             # a 2-core machine that halves generation. Bigger machines keep vLLM's NUMA-aware default.
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        # Its own process group holds the engine's processes too (vLLM's EngineCore and workers outlive a
+        # killed parent and keep spinning): on Ctrl-C, a timeout or any error here the whole group goes.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        finally:
+            try:  # whatever is left of the group: after a normal exit nothing; after a kill, the engine
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{stderr[-4000:]}")
         return json.loads(out.read_text())
+
+
+def _die_with_parent() -> None:
+    """When the caller dies without cleaning up (SIGTERM, SIGKILL), or this process is sent SIGTERM, take this
+    process group — the engine's processes with it — down too. Only as the leader of a group of its own
+    (`run_subprocess` makes one)."""
+    if os.getpgid(0) != os.getpid():
+        return
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=2048)
     a = p.parse_args(argv)
+    _die_with_parent()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from qdpo_ray.generate.engine import apply_w4a16_env
 
