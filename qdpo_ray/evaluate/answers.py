@@ -30,9 +30,11 @@ def vllm_dtype() -> str:
     runs it (AVX-512 CPUs, GPUs). One dtype for every model of an evaluation."""
     import torch
 
-    from qdpo_ray.generate.engine import cpu_has_w4_kernel
+    from qdpo_ray.config import VllmEngineConfig
+    from qdpo_ray.generate.engine import cpu_has_w4_kernel, resolve_dtype
 
-    return "float16" if torch.cuda.is_available() or cpu_has_w4_kernel() else "float32"
+    w4_engine = "packed" if torch.cuda.is_available() or cpu_has_w4_kernel() else "dense"
+    return resolve_dtype(VllmEngineConfig(), w4_engine).dtype
 
 
 def vllm_generator(model_dir: str, max_new_tokens: int, num_beams: int = 1) -> Generate:
