@@ -1,7 +1,7 @@
 """Pair-generation throughput: vLLM engines vs batched HF `generate`, and the Ray pipeline with 1 vs 2 actors.
 
     python benchmarks/bench_pairs.py [--prompts 64] [--tokens 64] [--hf-batch 16] [--skip-hf] [--skip-pipeline]
-                                     [--anchored-lens 4,16] [--anchors 4]
+                                     [--anchored-lens 1,4,16] [--anchors 4] [--pairs-dtype auto]
 
 Prints, measured side by side in one run on this machine:
   * generated tokens/s of HF transformers `generate` (batched, greedy, fp32 — the exact reference path)
@@ -16,9 +16,9 @@ Prints, measured side by side in one run on this machine:
     anchored: each fp answer y once + the L-token rejected continuations — over the generation wall time,
     engine start-up included; both run two engine pools) and the ratio anchored / natural,
     for each L in --anchored-lens (empty: skip). Natural runs first and again last; the ratio is taken
-    against the mean of the two (on a shared machine the load drifts). vLLM's CPU W4A16 kernel exists only
-    in its AVX-512 build: on an AVX2-only CPU these runs give the π_q engines the de-quantized W4 weights
-    as a dense checkpoint (same π_q, dense fp16 matmuls) and say so in the output (`pi_q_engine`).
+    against the mean of the two (on a shared machine the load drifts). The pipeline runs take the pairs
+    stage's own engine choice (`--pairs-dtype auto`: fp32 with a dense π_q where vLLM has no W4A16 kernel,
+    as on AVX2-only CPUs; fp16 with the packed kernel) and print it (`w4_engine`, `engine_dtype`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="skip the HF vs vLLM engine comparison")
-    ap.add_argument("--anchored-lens", default="4,16", help="continuation lengths L of anchored runs ('' = skip)")
+    ap.add_argument("--pairs-dtype", default="auto", help="pairs.engine.dtype of the pipeline runs (auto = the stage's choice)")
+    ap.add_argument("--anchored-lens", default="1,4,16", help="continuation lengths L of anchored runs ('' = skip)")
     ap.add_argument("--anchors", type=int, default=4, help="pairs.anchors_per_prompt of anchored runs")
     a = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -86,7 +87,7 @@ def main() -> None:
             cfg = load_config(None, [f"out={work}/pairs-{actors}", f"model.name={a.model}", "prompts.source=builtin:train",
                                      f"prompts.limit={a.prompts}", f"pairs.max_new_tokens={a.tokens}",
                                      f"pairs.w4_dir={w4}", f"pairs.engine.num_actors={actors}",
-                                     f"pairs.engine.dtype={a.dtype}", "pairs.engine.batch_size=8"])
+                                     f"pairs.engine.dtype={a.pairs_dtype}", "pairs.engine.batch_size=8"])
             t = time.time()
             s = run_pairs(cfg)
             wall = time.time() - t
@@ -103,19 +104,6 @@ def main() -> None:
 
         from qdpo_ray.generate.pairs import run_pairs
 
-        from qdpo_ray.generate import pairs as pairs_mod
-
-        w4_over = [f"pairs.w4_dir={w4}"]
-        res["pi_q_engine"] = "packed W4A16 export (WNA16 kernel)"
-        if not torch.cpu._is_avx512_supported():  # no cpu_gemm_wna16 in vLLM's AVX2 build
-            from qdpo_ray.quant.fake_quant import quantize_model_rtn
-
-            dense = work / "w4-dense"
-            quantize_model_rtn(load_model(mcfg, dtype="float32"), QuantConfig(bits=4)).save_pretrained(dense)
-            tok.save_pretrained(dense)
-            pairs_mod._ensure_w4 = lambda cfg, out: str(dense)
-            w4_over = []
-            res["pi_q_engine"] = "de-quantized W4 weights as a dense checkpoint (AVX2 CPU: vLLM has no W4A16 kernel)"
         runs = ([("natural", [])]
                 + [(f"anchored_L{n}", ["pairs.mode=anchored", f"pairs.continuation_len={n}",
                                        f"pairs.anchors_per_prompt={a.anchors}"]) for n in lens]
@@ -123,14 +111,15 @@ def main() -> None:
         for label, extra in runs:
             ray.init(num_cpus=10, include_dashboard=False)
             cfg = load_config(None, [f"out={work}/{label}", f"model.name={a.model}", "prompts.source=builtin:train",
-                                     f"prompts.limit={a.prompts}", f"pairs.max_new_tokens={a.tokens}", *w4_over,
-                                     f"pairs.engine.dtype={a.dtype}", "pairs.engine.batch_size=8",
+                                     f"prompts.limit={a.prompts}", f"pairs.max_new_tokens={a.tokens}", f"pairs.w4_dir={w4}",
+                                     f"pairs.engine.dtype={a.pairs_dtype}", "pairs.engine.batch_size=8",
                                      "pairs.fidelity_sample=0", *extra])
             s = run_pairs(cfg)
             ray.shutdown()
             res[label] = {k: s.get(k) for k in ("tokens_per_s", "generated_tokens", "generation_wall_s", "pairs_generated",
                                                 "pairs_kept", "removed", "anchors_per_prompt_mean",
-                                                "flips_per_answer_mean", "flip_rate", "mean_rejected_len")}
+                                                "flips_per_answer_mean", "flip_rate", "mean_rejected_len",
+                                                "w4_engine", "engine_dtype")}
             print(label, json.dumps(res[label]), flush=True)
         natural = (res["natural"]["tokens_per_s"] + res["natural_again"]["tokens_per_s"]) / 2
         for n in lens:

@@ -405,6 +405,21 @@ def test_report_files(fake, questions, tmp_path):
         J.judge_answers(cfg_for(srv.url), {"rtn": ANSWERS["rtn"]}, questions=questions)
 
 
+def test_answer_agreement_scores_each_turn_against_the_baseline():
+    qs = [{"question_id": 1}, {"question_id": 2}, {"question_id": 3}]
+    answers = {"fp": {1: ["a b c d", "x y"], 2: ["p q", "r s"]},          # no answer to question 3
+               "m": {1: ["a b c d", "x z"], 2: ["p q"], 3: ["u", "v"]}}   # turn 2 of question 2 missing
+    a = J.answer_agreement(answers, "fp", qs, (1, 2))
+    assert set(a) == {"m"}
+    assert a["m"]["by_turn"]["1"] == {"rouge_l": 1.0, "exact_match": 1.0, "answers": 2}
+    assert a["m"]["by_turn"]["2"] == {"rouge_l": 0.5, "exact_match": 0.0, "answers": 1}  # LCS "x": P = R = 1/2
+    assert a["m"]["answers"] == 3
+    assert a["m"]["rouge_l"] == pytest.approx(2.5 / 3) and a["m"]["exact_match"] == pytest.approx(2 / 3)
+    report = {"judge": {"model": "j", "base_url": "u", "temperature": 0}, "questions": 3, "turns": [1, 2],
+              "baseline": "fp", "pairwise": {}, "single": {}, "agreement": a, "errors": {"api_errors": 0, "unparsed": 0}}
+    assert "| m | 0.833 | 1.000 | 0.500 | 66.7% | 3 |" in J.judge_markdown(report)
+
+
 def test_cli_judge_command(fake, tmp_path, capsys):
     from qdpo_ray.cli import main
 
@@ -505,6 +520,7 @@ def test_evaluate_generates_answers_judges_and_resumes(fake, tiny_model_dir, tmp
     assert srv.count == 1 * 2 * 2 + 1 * 2 * 2  # pairwise rtn vs fp: 2 turns × 2 orders; single: 2 models × 2 turns
     rtn = rep["models"]["rtn"]
     assert rtn["judge_wtl"] == [0, 2, 0] and rtn["judge_lose_rate"] == 0.0 and rtn["judge_single"] == 7.0
+    assert 0.0 <= rtn["mtbench_rouge_l"] <= 1.0  # its MT-Bench answers against fp's
     assert rep["models"]["fp"]["judge_single"] == 7.0 and rep["judge"]["judge_model"] == "gpt-4"  # the config's name, sent to this server
     out = tmp_path / "ev"
     for label in ("fp", "rtn"):

@@ -212,6 +212,8 @@ def judge_summary(jr: dict[str, Any]) -> dict[str, Any]:
                          "judge_wtl": [e["paper"]["win"], e["paper"]["tie"], e["paper"]["loss"]]}
     for label, e in jr["single"].items():
         models.setdefault(label, {})["judge_single"] = e["average"]
+    for label, e in jr.get("agreement", {}).items():
+        models.setdefault(label, {})["mtbench_rouge_l"] = e["rouge_l"]
     return {"judge_model": jr["judge"]["model"], "baseline": jr["baseline"], "questions": jr["questions"],
             "turns": jr["turns"], "errors": jr["errors"], "models": models}
 
@@ -252,10 +254,11 @@ def results_table(report: dict[str, Any]) -> str:
     lines = [f"Held-out prompts: `{report['prompts']}` ({report['n_prompts']}), greedy {report['max_new_tokens']} tokens; "
              f"perplexity on {report['perplexity_texts']}."
              + (f" Judge: `{j['judge_model']}` on {j['questions']} MT-Bench questions, turns {j['turns']}, against "
-                f"{j['baseline']} (lose-rate: paper rule, FastChat rule in brackets; single: mean 1-10 grade)."
+                f"{j['baseline']} (lose-rate: paper rule, FastChat rule in brackets; single: mean 1-10 grade; "
+                f"MT-Bench ROUGE-L: the answers' ROUGE-L to {j['baseline']}'s)."
                 if j else ""), "",
-             "| model | flip rate ↓ | ROUGE-L to fp ↑ | exact match ↑ | perplexity ↓ |" + (" judge lose-rate ↓ | single ↑ |" if j else ""),
-             "|---|---|---|---|---|" + ("---|---|" if j else "")]
+             "| model | flip rate ↓ | ROUGE-L to fp ↑ | exact match ↑ | perplexity ↓ |" + (" judge lose-rate ↓ | single ↑ | MT-Bench ROUGE-L ↑ |" if j else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if j else "")]
 
     def pct(x):
         return "—" if x is None else f"{x:.1%}"
@@ -266,6 +269,7 @@ def results_table(report: dict[str, Any]) -> str:
         if j:
             row += (f" {pct(r.get('judge_lose_rate'))} ({pct(r.get('judge_lose_rate_fastchat'))}) |" if label != j["baseline"]
                     else " baseline |") + f" {_num(r.get('judge_single'), '.2f')} |"
+            row += " 1.000 |" if label == j["baseline"] else f" {_num(r.get('mtbench_rouge_l'), '.3f')} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 

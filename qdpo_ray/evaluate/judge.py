@@ -553,6 +553,8 @@ def judge_answers(cfg: JudgeConfig, answers_by_model: dict[str, dict], baseline:
         cache.close()
         client.close()
     report = summarize(records, cfg, baseline, list(answers), questions)
+    if baseline in answers:
+        report["agreement"] = answer_agreement(answers, baseline, questions, cfg.turns)
     report["skipped"] = skipped
     report["calls"] = {**client.stats.as_dict(), "planned": len(calls), "cache_bad_lines": cache.bad_lines}
     report["cache"] = str(cache.path) if cache.path else None
@@ -624,6 +626,32 @@ def summarize(records: list[dict[str, Any]], cfg: JudgeConfig, baseline: str, mo
     }
 
 
+def answer_agreement(answers: dict[str, dict[Any, list[str]]], baseline: str, questions: list[dict[str, Any]],
+                     turns: Iterable[int]) -> dict[str, Any]:
+    """How close each model's MT-Bench answers are to the baseline's, without a judge: mean ROUGE-L F1 and
+    the share of identical answers, per turn and over both (pure; answers as `normalize_answers` gives).
+    A second held-out set beside the evaluation prompts: 80 questions × 2 turns of longer answers."""
+    from qdpo_ray.text_metrics import rouge_l
+
+    base = answers[baseline]
+    out: dict[str, Any] = {}
+    for m, mine in answers.items():
+        if m == baseline:
+            continue
+        per_turn: dict[str, dict[str, float | int]] = {}
+        scores: list[tuple[float, bool]] = []
+        for t in turns:
+            got = [(rouge_l(mine[q][t - 1], base[q][t - 1]), mine[q][t - 1] == base[q][t - 1])
+                   for q in (_qid(x["question_id"]) for x in questions)
+                   if len(mine.get(q, [])) >= t and len(base.get(q, [])) >= t]
+            scores += got
+            per_turn[str(t)] = {"rouge_l": _mean([r for r, _ in got]), "exact_match": _mean([float(e) for _, e in got]),
+                                "answers": len(got)}
+        out[m] = {"rouge_l": _mean([r for r, _ in scores]), "exact_match": _mean([float(e) for _, e in scores]),
+                  "answers": len(scores), "by_turn": per_turn}
+    return out
+
+
 def _categories(questions: list[dict[str, Any]]) -> list[str]:
     present = {q["category"] for q in questions}
     return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES))
@@ -675,6 +703,17 @@ def judge_markdown(report: dict[str, Any]) -> str:
                      + " | ".join(_f(report["single"][m]["by_turn"].get(str(t))) for m in models) + " |")
         L.append("| rated / judged | " + " | ".join(f"{report['single'][m]['rated']}/{report['single'][m]['judgments']}"
                                                   for m in models) + " |")
+        L.append("")
+    if report.get("agreement"):
+        L += [f"## Agreement with `{report['baseline']}`'s answers (no judge)", "",
+              "ROUGE-L F1 of each model's answer against the baseline's answer to the same turn, and the share of "
+              "identical answers.", "",
+              "| model | ROUGE-L ↑ | " + " | ".join(f"turn {t}" for t in report["turns"]) + " | identical ↑ | answers |",
+              "|---|---|" + "---|" * len(report["turns"]) + "---|---|"]
+        for m, a in report["agreement"].items():
+            L.append(f"| {m} | {_f(a['rouge_l'], '.3f')} | "
+                     + " | ".join(_f(a["by_turn"][str(t)]["rouge_l"], ".3f") for t in report["turns"])
+                     + f" | {_f(a['exact_match'], '.1%')} | {a['answers']} |")
         L.append("")
     c = report.get("calls", {})
     L += [f"Judge calls: {c.get('planned', '?')} planned, {c.get('cached', '?')} from the cache, "
