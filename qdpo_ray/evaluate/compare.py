@@ -25,6 +25,7 @@ from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
 from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_generator, vllm_dtype, vllm_generator
 from qdpo_ray.evaluate.flips import top2_margin
 from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
+from qdpo_ray.evaluate.stats import paired_difference
 from qdpo_ray.generate.hf import greedy_generate, teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from qdpo_ray.models import load_model, load_tokenizer, resolve_model_path
@@ -132,20 +133,20 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     mt_answers: dict[str, dict] = {}
 
     results: dict[str, Any] = {}
+    per_prompt: dict[str, dict[str, list]] = {}
     samples: dict[str, list[str]] = {"fp": fp_text}
     for label, spec in {"fp": cfg.model.name, **models}.items():
         m = _model(label, spec, fp, cfg)
-        flips = total = 0
-        for a, lg in zip(fp_answers, teacher_forced(m, ids, fp_answers, cfg.flips.batch_size, tok.pad_token_id or 0)):
-            top, _, _ = top2_margin(lg)
-            flips += int((top != torch.tensor(a)).sum())
-            total += len(a)
+        flips = [int((top2_margin(lg)[0] != torch.tensor(a)).sum())
+                 for a, lg in zip(fp_answers, teacher_forced(m, ids, fp_answers, cfg.flips.batch_size, tok.pad_token_id or 0))]
         answers = fp_answers if label == "fp" else greedy_generate(m, tok, ids, n_tok, cfg.flips.batch_size)
         text = [tok.decode(a, skip_special_tokens=True) for a in answers]
         samples[label] = text
+        rouge = list(map(rouge_l, text, fp_text))
+        per_prompt[label] = {"flips": flips, "rouge_l": rouge}
         results[label] = {
-            "model": spec, "flip_rate": flips / max(1, total),
-            "rouge_l": sum(map(rouge_l, text, fp_text)) / len(text),
+            "model": spec, "flip_rate": sum(flips) / max(1, sum(map(len, fp_answers))),
+            "rouge_l": sum(rouge) / len(text),
             "exact_match": sum(a == b for a, b in zip(answers, fp_answers)) / len(answers),
             "perplexity": perplexity(m, windows),
             "mean_answer_tokens": sum(len(a) for a in answers) / len(answers),
@@ -156,7 +157,9 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
             del m
     report = {"prompts": cfg.prompts.source, "n_prompts": len(ids), "max_new_tokens": n_tok,
               "quant": cfg.quant.label, "perplexity_texts": ppl_label,
-              "models": results}
+              "models": results, "differences": differences(per_prompt, [len(a) for a in fp_answers]),
+              "per_prompt": {"ids": [r["id"] for r in prompts.rows], "tokens": [len(a) for a in fp_answers],
+                             **per_prompt}}
     if judge:
         mt_answers.update({label: load_answers(path) for label, path in judge.answers.items()})
         jr = judge_answers(judge, mt_answers, baseline=judge.baseline, questions=questions,
@@ -172,6 +175,21 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     _write_samples(out / "samples.jsonl", prompts.rows, samples)
     _plot(report, out / "comparison.png")
     return report
+
+
+def differences(per_prompt: dict[str, dict[str, list]], tokens: list[int]) -> list[dict[str, Any]]:
+    """Every quantized model against each one listed before it (RTN first: trained − RTN, then trained −
+    trained): the difference in flip rate (token-weighted) and in ROUGE-L to fp, with its 95 % paired
+    bootstrap interval over the prompts (`stats.py`)."""
+    labels = [m for m in per_prompt if m != "fp"]
+    out = []
+    for i, a in enumerate(labels):
+        for b in labels[:i]:
+            pa, pb = per_prompt[a], per_prompt[b]
+            out.append({"model": a, "against": b,
+                        "flip_rate": paired_difference(pa["flips"], pb["flips"], tokens),
+                        "rouge_l": paired_difference(pa["rouge_l"], pb["rouge_l"])})
+    return out
 
 
 def _judge_answers_of(model, tok, label: str, spec: str, questions, cfg: RunConfig, folder: Path) -> dict:
@@ -271,6 +289,14 @@ def results_table(report: dict[str, Any]) -> str:
                     else " baseline |") + f" {_num(r.get('judge_single'), '.2f')} |"
             row += " 1.000 |" if label == j["baseline"] else f" {_num(r.get('mtbench_rouge_l'), '.3f')} |"
         lines.append(row)
+    if report.get("differences"):
+        lines += ["", f"Differences over the same {report['n_prompts']} prompts, with 95 % intervals (paired bootstrap; "
+                  "an interval holding 0 is no evidence of a difference):", "",
+                  "| model − against | flip rate (points) | ROUGE-L to fp |", "|---|---|---|"]
+        for d in report["differences"]:
+            f, r = d["flip_rate"], d["rouge_l"]
+            lines.append(f"| {d['model']} − {d['against']} | {100 * f[0]:+.1f} [{100 * f[1]:+.1f}, {100 * f[2]:+.1f}] | "
+                         f"{r[0]:+.3f} [{r[1]:+.3f}, {r[2]:+.3f}] |")
     return "\n".join(lines) + "\n"
 
 
