@@ -46,3 +46,29 @@ def test_differences_pair_each_model_with_those_before_it_and_render():
     report = {"prompts": "p", "n_prompts": 2, "max_new_tokens": 4, "perplexity_texts": "t", "differences": d,
               "models": {m: {"flip_rate": 0.1, "rouge_l": 0.5, "exact_match": 0.0, "perplexity": 5.0} for m in per_prompt}}
     assert "| qdpo − rtn | -20.0 [-20.0, -20.0] | +0.200 [+0.200, +0.200] |" in results_table(report)
+
+
+def _run(path, models, per_prompt=None, fp=("a b c", "d e f")):
+    import json
+
+    path.mkdir()
+    rows = [{"id": f"p{i}", "prompt": "q", "fp": f, **{m: t[i] for m, t in models.items()}} for i, f in enumerate(fp)]
+    (path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if per_prompt:
+        (path / "results.json").write_text(json.dumps({"per_prompt": {"ids": ["p0", "p1"], "tokens": [3, 3], **per_prompt}}))
+    return path
+
+
+def test_runs_compared_from_their_files(tmp_path, capsys):
+    from qdpo_ray.evaluate.stats import main
+
+    a = _run(tmp_path / "a", {"rtn": ["x y z", "d e f"]})  # an older run: samples only → ROUGE-L, no flips
+    b = _run(tmp_path / "b", {"qdpo": ["a b c", "d e f"]},
+             per_prompt={"qdpo": {"flips": [0, 0], "rouge_l": [1.0, 1.0]}})
+    main([f"{a}:rtn", f"{b}:qdpo"])
+    assert "| qdpo − rtn | — | +0.500 [+0.000, +1.000] |" in capsys.readouterr().out
+    c = _run(tmp_path / "c", {"kd": ["a", "b"]}, fp=("other", "fp answers"))
+    with pytest.raises(SystemExit, match="other fp answers"):
+        main([f"{a}:rtn", f"{c}:kd"])
+    with pytest.raises(SystemExit, match="no model 'kd'"):
+        main([f"{a}:kd"])

@@ -38,3 +38,58 @@ def paired_difference(a: Sequence[float], b: Sequence[float], weights: Sequence[
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} and {len(b)} items; both models need the same prompts")
     return bootstrap_ci([x - y for x, y in zip(a, b)], weights, **kw)
+
+
+def load_run_model(spec: str) -> tuple[str, dict]:
+    """`RUN_DIR:LABEL` → (label, {"ids", "fp", "rouge_l", "flips" or None, "tokens" or None}) of one model of a
+    `qdpo-ray evaluate` run: per-prompt values from results.json where the run kept them, else ROUGE-L
+    recomputed from samples.jsonl (runs made before results.json had them; no per-prompt flips then)."""
+    import json
+    from pathlib import Path
+
+    from qdpo_ray.text_metrics import rouge_l
+
+    run, sep, label = spec.rpartition(":")
+    samples, results = Path(run, "samples.jsonl"), Path(run, "results.json")
+    if not sep or not samples.is_file():
+        raise SystemExit(f"{spec!r}: expected RUN_DIR:LABEL with RUN_DIR/samples.jsonl from `qdpo-ray evaluate`")
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    if label not in rows[0]:
+        raise SystemExit(f"{spec!r}: no model {label!r} in {samples} (models: "
+                         f"{', '.join(k for k in rows[0] if k not in ('id', 'prompt'))})")
+    per = json.loads(results.read_text()).get("per_prompt", {}) if results.is_file() else {}
+    if label in per:
+        return label, {"ids": per["ids"], "fp": [r["fp"] for r in rows], "rouge_l": per[label]["rouge_l"],
+                       "flips": per[label]["flips"], "tokens": per["tokens"]}
+    return label, {"ids": [r["id"] for r in rows], "fp": [r["fp"] for r in rows],
+                   "rouge_l": [rouge_l(r[label], r["fp"]) for r in rows], "flips": None, "tokens": None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m qdpo_ray.evaluate.stats RUN_DIR:LABEL RUN_DIR:LABEL [...]: paired differences of models
+    evaluated in separate runs on the same prompts (each against those before it), with 95 % intervals."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m qdpo_ray.evaluate.stats", description=main.__doc__)
+    ap.add_argument("models", nargs="+", metavar="RUN_DIR:LABEL")
+    ap.add_argument("--resamples", type=int, default=4000)
+    a = ap.parse_args(argv)
+    models = [load_run_model(s) for s in a.models]
+    first = models[0][1]
+    for spec, (_, m) in zip(a.models, models):
+        if m["ids"] != first["ids"] or m["fp"] != first["fp"]:
+            raise SystemExit(f"{spec!r}: other prompts or other fp answers than {a.models[0]!r}; paired differences "
+                             "need the same evaluation prompts and fp model")
+    print("| model − against | flip rate (points) | ROUGE-L to fp |\n|---|---|---|")
+    for i, (la, ma) in enumerate(models):
+        for lb, mb in models[:i]:
+            r = paired_difference(ma["rouge_l"], mb["rouge_l"], resamples=a.resamples)
+            f = "—"
+            if ma["flips"] is not None and mb["flips"] is not None:
+                d = paired_difference(ma["flips"], mb["flips"], ma["tokens"], resamples=a.resamples)
+                f = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
+            print(f"| {la} − {lb} | {f} | {r[0]:+.3f} [{r[1]:+.3f}, {r[2]:+.3f}] |")
+
+
+if __name__ == "__main__":
+    main()
