@@ -415,9 +415,15 @@ def test_answer_agreement_scores_each_turn_against_the_baseline():
     assert a["m"]["by_turn"]["2"] == {"rouge_l": 0.5, "exact_match": 0.0, "answers": 1}  # LCS "x": P = R = 1/2
     assert a["m"]["answers"] == 3
     assert a["m"]["rouge_l"] == pytest.approx(2.5 / 3) and a["m"]["exact_match"] == pytest.approx(2 / 3)
+    assert a["m"]["rouge_l_minus"] == {}
+    # a second model: its difference from m over the answers both have, with an interval
+    answers["n"] = {1: ["a b c d", "x y"], 2: ["p q", "r s"]}
+    a = J.answer_agreement(answers, "fp", qs, (1, 2))
+    assert a["n"]["rouge_l_minus"]["m"] == pytest.approx((0.5 / 3, 0.0, 0.5))  # 1 − 1, 1 − 1, 1 − 0.5
     report = {"judge": {"model": "j", "base_url": "u", "temperature": 0}, "questions": 3, "turns": [1, 2],
               "baseline": "fp", "pairwise": {}, "single": {}, "agreement": a, "errors": {"api_errors": 0, "unparsed": 0}}
-    assert "| m | 0.833 | 1.000 | 0.500 | 66.7% | 3 |" in J.judge_markdown(report)
+    md = J.judge_markdown(report)
+    assert "| m | 0.833 | 1.000 | 0.500 | 66.7% | 3 |" in md and "| n − m | +0.167 [+0.000, +0.500] |" in md
 
 
 def test_cli_judge_command(fake, tmp_path, capsys):

@@ -629,26 +629,36 @@ def summarize(records: list[dict[str, Any]], cfg: JudgeConfig, baseline: str, mo
 def answer_agreement(answers: dict[str, dict[Any, list[str]]], baseline: str, questions: list[dict[str, Any]],
                      turns: Iterable[int]) -> dict[str, Any]:
     """How close each model's MT-Bench answers are to the baseline's, without a judge: mean ROUGE-L F1 and
-    the share of identical answers, per turn and over both (pure; answers as `normalize_answers` gives).
-    A second held-out set beside the evaluation prompts: 80 questions × 2 turns of longer answers."""
+    the share of identical answers, per turn and over both, and each model's difference from those listed
+    before it with a 95 % paired-bootstrap interval over the answers (pure; answers as `normalize_answers`
+    gives). A second held-out set beside the evaluation prompts: 80 questions × 2 turns of longer answers."""
+    from qdpo_ray.evaluate.stats import paired_difference
     from qdpo_ray.text_metrics import rouge_l
 
     base = answers[baseline]
+    qids = [_qid(x["question_id"]) for x in questions]
     out: dict[str, Any] = {}
+    scores: dict[str, dict[tuple, float]] = {}
     for m, mine in answers.items():
         if m == baseline:
             continue
-        per_turn: dict[str, dict[str, float | int]] = {}
-        scores: list[tuple[float, bool]] = []
-        for t in turns:
-            got = [(rouge_l(mine[q][t - 1], base[q][t - 1]), mine[q][t - 1] == base[q][t - 1])
-                   for q in (_qid(x["question_id"]) for x in questions)
-                   if len(mine.get(q, [])) >= t and len(base.get(q, [])) >= t]
-            scores += got
-            per_turn[str(t)] = {"rouge_l": _mean([r for r, _ in got]), "exact_match": _mean([float(e) for _, e in got]),
-                                "answers": len(got)}
-        out[m] = {"rouge_l": _mean([r for r, _ in scores]), "exact_match": _mean([float(e) for _, e in scores]),
-                  "answers": len(scores), "by_turn": per_turn}
+        got = {(q, t): (rouge_l(mine[q][t - 1], base[q][t - 1]), mine[q][t - 1] == base[q][t - 1])
+               for t in turns for q in qids if len(mine.get(q, [])) >= t and len(base.get(q, [])) >= t}
+        scores[m] = {k: r for k, (r, _) in got.items()}
+
+        def means(keys: list[tuple]) -> dict[str, Any]:
+            return {"rouge_l": _mean([got[k][0] for k in keys]), "exact_match": _mean([float(got[k][1]) for k in keys]),
+                    "answers": len(keys)}
+
+        out[m] = {**means(list(got)), "by_turn": {str(t): means([k for k in got if k[1] == t]) for t in turns}}
+    labels = list(scores)
+    for i, a in enumerate(labels):
+        diffs = {}
+        for b in labels[:i]:
+            keys = [k for k in scores[a] if k in scores[b]]
+            if keys:
+                diffs[b] = paired_difference([scores[a][k] for k in keys], [scores[b][k] for k in keys])
+        out[a]["rouge_l_minus"] = diffs
     return out
 
 
@@ -714,6 +724,11 @@ def judge_markdown(report: dict[str, Any]) -> str:
             L.append(f"| {m} | {_f(a['rouge_l'], '.3f')} | "
                      + " | ".join(_f(a["by_turn"][str(t)]["rouge_l"], ".3f") for t in report["turns"])
                      + f" | {_f(a['exact_match'], '.1%')} | {a['answers']} |")
+        diffs = [(m, b, d) for m, a in report["agreement"].items() for b, d in a.get("rouge_l_minus", {}).items()]
+        if diffs:
+            L += ["", "Differences in that ROUGE-L with 95 % intervals (paired bootstrap over the answers):", "",
+                  "| model − against | ROUGE-L |", "|---|---|"]
+            L += [f"| {m} − {b} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] |" for m, b, d in diffs]
         L.append("")
     c = report.get("calls", {})
     L += [f"Judge calls: {c.get('planned', '?')} planned, {c.get('cached', '?')} from the cache, "
