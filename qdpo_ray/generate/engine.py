@@ -38,15 +38,17 @@ def apply_w4a16_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return environ
 
 
-def engine_settings(e: VllmEngineConfig, seed: int) -> tuple[dict[str, Any], dict[str, str], list[dict]]:
-    """(vLLM engine kwargs, environment variables, placement-group bundles) for one engine."""
+def engine_settings(e: VllmEngineConfig, seed: int, block_size: int | None = None
+                    ) -> tuple[dict[str, Any], dict[str, str], list[dict]]:
+    """(vLLM engine kwargs, environment variables, placement-group bundles) for one engine; `block_size`:
+    its KV-cache block in tokens (None: vLLM's default, 128 on CPU and 16 on GPU)."""
     if e.dtype == "auto":  # vLLM's own "auto" would take each checkpoint's dtype: fp and π_q could differ
         raise ValueError("engine dtype 'auto' is resolved with the W4 kernel first (resolve_dtype)")
     on_gpu = e.gpus_per_actor > 0
     engine_kwargs: dict[str, Any] = dict(
         dtype=e.dtype, max_model_len=e.max_model_len, enforce_eager=e.enforce_eager,
         tensor_parallel_size=e.tensor_parallel_size, seed=seed, trust_remote_code=False,
-        enable_prefix_caching=e.enable_prefix_caching)
+        enable_prefix_caching=e.enable_prefix_caching, **({"block_size": block_size} if block_size else {}))
     env = apply_w4a16_env({"VLLM_CPU_KVCACHE_SPACE": str(e.kv_cache_gib)})
     custom = dict(e.resources)
     if on_gpu:
