@@ -320,8 +320,9 @@ class JudgeConfig(_Section):
     categories: list[str] | None = Field(None, description="Judge only these MT-Bench categories.")
     turns: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1, description="Turns judged.")
     modes: list[Literal["pairwise", "single"]] = Field(
-        default_factory=lambda: ["pairwise", "single"], min_length=1,
-        description="pairwise = each model vs the baseline, both orders; single = 1-10 grading (Table 2).")
+        default_factory=lambda: ["pairwise", "single"],
+        description="pairwise = each model vs the baseline, both orders; single = 1-10 grading (Table 2); "
+        "[] = no judge calls: only the answers' agreement with the baseline's (ROUGE-L), no endpoint needed.")
     answers: dict[str, str] = Field(default_factory=dict, description="label → answers JSONL "
                                     "({question_id, turns}) for `qdpo-ray judge`; `qdpo-ray evaluate` generates "
                                     "the answers of every model it evaluates that is not named here.")

@@ -426,6 +426,18 @@ def test_answer_agreement_scores_each_turn_against_the_baseline():
     assert "| m | 0.833 | 1.000 | 0.500 | 66.7% | 3 |" in md and "| n − m | +0.167 [+0.000, +0.500] |" in md
 
 
+def test_no_judge_modes_report_the_answers_agreement_only(questions, tmp_path):
+    cfg = cfg_for("http://127.0.0.1:9/v1", modes=[])  # nothing listens there: no call may be made
+    report = J.judge_answers(cfg, {**ANSWERS, "same": make_answers("BASE")}, questions=questions)
+    assert report["pairwise"] == {} and report["single"] == {} and report["calls"]["requests"] == 0
+    assert report["agreement"]["same"]["rouge_l"] == 1.0 and report["agreement"]["same"]["exact_match"] == 1.0
+    assert report["agreement"]["rtn"]["exact_match"] == 0.0 and report["agreement"]["rtn"]["answers"] == 4
+    paths = J.write_judge_report(report, tmp_path / "rep")
+    md = paths["md"].read_text()
+    assert md.startswith("# MT-Bench answers against the baseline's (no judge)") and "Pairwise" not in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_judge_command(fake, tmp_path, capsys):
     from qdpo_ray.cli import main
 

@@ -579,7 +579,7 @@ def summarize(records: list[dict[str, Any]], cfg: JudgeConfig, baseline: str, mo
         pairs.setdefault((r["candidate"], r["question_id"], r["turn"], r["category"]), {})[r["order"]] = \
             order_outcome(r["verdict"], r["order"])
     pairwise: dict[str, Any] = {}
-    for cand in [m for m in models if m != baseline]:
+    for cand in [m for m in models if m != baseline and "pairwise" in cfg.modes]:
         mine = {k: v for k, v in pairs.items() if k[0] == cand}
         ordered = sorted(mine.items(), key=lambda kv: (str(kv[0][1]), kv[0][2]))
         games = [(k, (v.get(1, "error"), v.get(2, "error"))) for k, v in ordered]
@@ -680,10 +680,11 @@ _RULE_TITLES = {"paper": "paper (A.4, Table 1)", "fastchat": "FastChat (Table 8)
 
 def judge_markdown(report: dict[str, Any]) -> str:
     j = report["judge"]
-    L = [f"# MT-Bench judge: {j['model']}", "",
+    judged = report["pairwise"] or report["single"]
+    L = [f"# MT-Bench judge: {j['model']}" if judged else "# MT-Bench answers against the baseline's (no judge)", "",
          f"{report['questions']} questions, turns {', '.join(map(str, report['turns']))}; "
-         f"baseline `{report['baseline']}`; judge `{j['model']}` at {j['base_url']} "
-         f"(temperature {j['temperature']}).", ""]
+         f"baseline `{report['baseline']}`" + (f"; judge `{j['model']}` at {j['base_url']} "
+                                               f"(temperature {j['temperature']})." if judged else "."), ""]
     if report["pairwise"]:
         L += ["## Pairwise comparison with the baseline (Table 1 layout)", "",
               "Each (question, turn) is judged twice with the answers' positions swapped. Lose-rate = "
@@ -743,7 +744,7 @@ def judge_png(report: dict[str, Any], path: str | Path) -> None:
     from qdpo_ray.plots import pyplot, save_figure
 
     plt = pyplot()
-    panels = [p for p in ("pairwise", "single") if report[p]]
+    panels = [p for p in ("pairwise", "single", "agreement") if report.get(p)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.2), squeeze=False)
     axes = axes[0]
     for ax, panel in zip(axes, panels):
@@ -768,6 +769,17 @@ def judge_png(report: dict[str, Any], path: str | Path) -> None:
             ax.set_xlabel(f"share of games against {report['baseline']}")
             ax.set_title("Pairwise (MT-Bench): paper and FastChat tie rules", fontsize=10)
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
+        elif panel == "agreement":
+            a = report["agreement"]
+            models = list(a)
+            for i, t in enumerate(report["turns"]):
+                ax.bar([k + 0.4 * i for k in range(len(models))], [a[m]["by_turn"][str(t)]["rouge_l"] or 0 for m in models],
+                       0.4, label=f"turn {t}")
+            ax.set_xticks([k + 0.2 for k in range(len(models))], models, fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel(f"ROUGE-L to {report['baseline']}'s answer")
+            ax.set_title("Agreement with the baseline (no judge)", fontsize=10)
+            ax.legend(fontsize=8)
         else:
             cats = report["categories"]
             models = list(report["single"])
@@ -783,7 +795,8 @@ def judge_png(report: dict[str, Any], path: str | Path) -> None:
     if not panels:
         axes[0].axis("off")
         axes[0].text(0.5, 0.5, "no judgments", ha="center")
-    fig.suptitle(f"judge: {report['judge']['model']}", fontsize=10)
+    if report["pairwise"] or report["single"]:
+        fig.suptitle(f"judge: {report['judge']['model']}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 
