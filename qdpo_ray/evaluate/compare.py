@@ -25,7 +25,7 @@ from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
 from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_generator, vllm_dtype, vllm_generator
 from qdpo_ray.evaluate.flips import top2_margin
 from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
-from qdpo_ray.evaluate.stats import paired_difference
+from qdpo_ray.evaluate.stats import interval, paired_difference
 from qdpo_ray.generate.hf import greedy_generate, teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from qdpo_ray.models import load_model, load_tokenizer, resolve_model_path
@@ -293,10 +293,8 @@ def results_table(report: dict[str, Any]) -> str:
         lines += ["", f"Differences over the same {report['n_prompts']} prompts, with 95 % intervals (paired bootstrap; "
                   "an interval holding 0 is no evidence of a difference):", "",
                   "| model − against | flip rate (points) | ROUGE-L to fp |", "|---|---|---|"]
-        for d in report["differences"]:
-            f, r = d["flip_rate"], d["rouge_l"]
-            lines.append(f"| {d['model']} − {d['against']} | {100 * f[0]:+.1f} [{100 * f[1]:+.1f}, {100 * f[2]:+.1f}] | "
-                         f"{r[0]:+.3f} [{r[1]:+.3f}, {r[2]:+.3f}] |")
+        lines += [f"| {d['model']} − {d['against']} | {interval(d['flip_rate'], '+.1f', 100)} | {interval(d['rouge_l'])} |"
+                  for d in report["differences"]]
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 
 from qdpo_ray.config import ConfigError, JudgeConfig
 from qdpo_ray.data import mtbench_data_dir
+from qdpo_ray.evaluate.stats import interval, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -632,7 +633,6 @@ def answer_agreement(answers: dict[str, dict[Any, list[str]]], baseline: str, qu
     the share of identical answers, per turn and over both, and each model's difference from those listed
     before it with a 95 % paired-bootstrap interval over the answers (pure; answers as `normalize_answers`
     gives). A second held-out set beside the evaluation prompts: 80 questions × 2 turns of longer answers."""
-    from qdpo_ray.evaluate.stats import paired_difference
     from qdpo_ray.text_metrics import rouge_l
 
     base = answers[baseline]
@@ -729,7 +729,7 @@ def judge_markdown(report: dict[str, Any]) -> str:
         if diffs:
             L += ["", "Differences in that ROUGE-L with 95 % intervals (paired bootstrap over the answers):", "",
                   "| model − against | ROUGE-L |", "|---|---|"]
-            L += [f"| {m} − {b} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] |" for m, b, d in diffs]
+            L += [f"| {m} − {b} | {interval(d)} |" for m, b, d in diffs]
         L.append("")
     c = report.get("calls", {})
     L += [f"Judge calls: {c.get('planned', '?')} planned, {c.get('cached', '?')} from the cache, "

@@ -40,6 +40,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], weights: Sequence[
     return bootstrap_ci([x - y for x, y in zip(a, b)], weights, **kw)
 
 
+def interval(d: Sequence[float], fmt: str = "+.3f", scale: float = 1.0) -> str:
+    """'estimate [low, high]' of a `bootstrap_ci` result, each × `scale` (100: points) in format `fmt`."""
+    return f"{scale * d[0]:{fmt}} [{scale * d[1]:{fmt}}, {scale * d[2]:{fmt}}]"
+
+
 def load_run_model(spec: str) -> tuple[str, dict]:
     """`RUN_DIR:LABEL` → (label, {"ids", "fp", "rouge_l", "flips" or None, "tokens" or None}) of one model of a
     `qdpo-ray evaluate` run: per-prompt values from results.json where the run kept them, else ROUGE-L
@@ -86,9 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             r = paired_difference(ma["rouge_l"], mb["rouge_l"], resamples=a.resamples)
             f = "—"
             if ma["flips"] is not None and mb["flips"] is not None:
-                d = paired_difference(ma["flips"], mb["flips"], ma["tokens"], resamples=a.resamples)
-                f = f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
-            print(f"| {la} − {lb} | {f} | {r[0]:+.3f} [{r[1]:+.3f}, {r[2]:+.3f}] |")
+                f = interval(paired_difference(ma["flips"], mb["flips"], ma["tokens"], resamples=a.resamples), "+.1f", 100)
+            print(f"| {la} − {lb} | {f} | {interval(r)} |")
 
 
 if __name__ == "__main__":
