@@ -25,7 +25,7 @@ from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
 from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_generator, vllm_dtype, vllm_generator
 from qdpo_ray.evaluate.flips import top2_margin
 from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
-from qdpo_ray.evaluate.stats import interval, paired_difference
+from qdpo_ray.evaluate.stats import differences, differences_table
 from qdpo_ray.generate.hf import greedy_generate, teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from qdpo_ray.models import load_model, load_tokenizer, resolve_model_path
@@ -177,21 +177,6 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     return report
 
 
-def differences(per_prompt: dict[str, dict[str, list]], tokens: list[int]) -> list[dict[str, Any]]:
-    """Every quantized model against each one listed before it (RTN first: trained − RTN, then trained −
-    trained): the difference in flip rate (token-weighted) and in ROUGE-L to fp, with its 95 % paired
-    bootstrap interval over the prompts (`stats.py`)."""
-    labels = [m for m in per_prompt if m != "fp"]
-    out = []
-    for i, a in enumerate(labels):
-        for b in labels[:i]:
-            pa, pb = per_prompt[a], per_prompt[b]
-            out.append({"model": a, "against": b,
-                        "flip_rate": paired_difference(pa["flips"], pb["flips"], tokens),
-                        "rouge_l": paired_difference(pa["rouge_l"], pb["rouge_l"])})
-    return out
-
-
 def _judge_answers_of(model, tok, label: str, spec: str, questions, cfg: RunConfig, folder: Path) -> dict:
     """`label`'s MT-Bench answers: generated once per (weights, generation settings, questions), then
     read back from `folder/<label>.jsonl` (a long evaluation resumes without regenerating them)."""
@@ -292,9 +277,7 @@ def results_table(report: dict[str, Any]) -> str:
     if report.get("differences"):
         lines += ["", f"Differences over the same {report['n_prompts']} prompts, with 95 % intervals (paired bootstrap; "
                   "an interval holding 0 is no evidence of a difference):", "",
-                  "| model − against | flip rate (points) | ROUGE-L to fp |", "|---|---|---|"]
-        lines += [f"| {d['model']} − {d['against']} | {interval(d['flip_rate'], '+.1f', 100)} | {interval(d['rouge_l'])} |"
-                  for d in report["differences"]]
+                  *differences_table(report["differences"])]
     return "\n".join(lines) + "\n"
 
 

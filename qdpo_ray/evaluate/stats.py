@@ -45,6 +45,29 @@ def interval(d: Sequence[float], fmt: str = "+.3f", scale: float = 1.0) -> str:
     return f"{scale * d[0]:{fmt}} [{scale * d[1]:{fmt}}, {scale * d[2]:{fmt}}]"
 
 
+def differences(per_label: dict[str, dict[str, list | None]], tokens: Sequence[float] | None, **kw) -> list[dict]:
+    """Each quantized model against every one listed before it (the fp reference is not one: its scores are
+    what the others are measured against): {"model", "against", "flip_rate" (token-weighted by `tokens`; None
+    where either model has no per-prompt flips), "rouge_l"}, each with its 95 % paired interval."""
+    from itertools import combinations
+
+    out = []
+    for b, a in combinations([m for m in per_label if m != "fp"], 2):
+        pa, pb = per_label[a], per_label[b]
+        flips = (paired_difference(pa["flips"], pb["flips"], tokens, **kw)
+                 if pa.get("flips") is not None and pb.get("flips") is not None else None)
+        out.append({"model": a, "against": b, "flip_rate": flips,
+                    "rouge_l": paired_difference(pa["rouge_l"], pb["rouge_l"], **kw)})
+    return out
+
+
+def differences_table(diffs: list[dict]) -> list[str]:
+    """Markdown rows of `differences`: flip rate in points, ROUGE-L to fp."""
+    return ["| model − against | flip rate (points) | ROUGE-L to fp |", "|---|---|---|"] + [
+        f"| {d['model']} − {d['against']} | {interval(d['flip_rate'], '+.1f', 100) if d['flip_rate'] else '—'} | "
+        f"{interval(d['rouge_l'])} |" for d in diffs]
+
+
 def load_run_model(spec: str) -> tuple[str, dict]:
     """`RUN_DIR:LABEL` → (label, {"ids", "fp", "rouge_l", "flips" or None, "tokens" or None}) of one model of a
     `qdpo-ray evaluate` run: per-prompt values from results.json where the run kept them, else ROUGE-L
@@ -85,14 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         if m["ids"] != first["ids"] or m["fp"] != first["fp"]:
             raise SystemExit(f"{spec!r}: other prompts or other fp answers than {a.models[0]!r}; paired differences "
                              "need the same evaluation prompts and fp model")
-    print("| model − against | flip rate (points) | ROUGE-L to fp |\n|---|---|---|")
-    for i, (la, ma) in enumerate(models):
-        for lb, mb in models[:i]:
-            r = paired_difference(ma["rouge_l"], mb["rouge_l"], resamples=a.resamples)
-            f = "—"
-            if ma["flips"] is not None and mb["flips"] is not None:
-                f = interval(paired_difference(ma["flips"], mb["flips"], ma["tokens"], resamples=a.resamples), "+.1f", 100)
-            print(f"| {la} − {lb} | {f} | {interval(r)} |")
+    tokens = next((m["tokens"] for _, m in models if m["tokens"] is not None), None)
+    print("\n".join(differences_table(differences(dict(models), tokens, resamples=a.resamples))))
 
 
 if __name__ == "__main__":
