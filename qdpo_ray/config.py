@@ -260,6 +260,11 @@ class TrainConfig(_Section):
         "reference", description="`qdpo_flips`: whose flips get pairs — reference: π_q's (fixed, the anchored L=1 "
         "pairs); policy: π_θ's own at each step (on-policy: r_k = π_θ's strongest other token; a flip leaves the "
         "loss once π_θ's margin reaches flip_margin). The reference in eq. 5 is π_q either way.")
+    answers: Literal["chosen", "both"] = Field(
+        "chosen", description="`kd`, `qdpo_flips`, `qdpo_flips+kd`: the answers their token-level terms read — chosen: "
+        "the fp answers y_w (teacher-forced, as the paper's KD); both: also π_q's own greedy answers y_l, the states "
+        "the quantized model reaches when it generates (DAgger/GKD-style), where y_k is the fp model's argmax; "
+        "costs a second teacher-forced pass per step.")
     sft_weight: float = Field(1.0, ge=0, description="α of the NLL term of `qdpo+sft` (TRL's rpo_alpha).")
     beta: float = Field(0.1, gt=0, description="β of eq. 5.")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO/QDPO; ipo = IPO.")
@@ -295,6 +300,14 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0, description="Worker failures tolerated (restart from the last checkpoint).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     export: bool = Field(True, description="Export the trained model as a packed checkpoint (<out>/w4-<objective>).")
+
+    @model_validator(mode="after")
+    def _answers_need_token_terms(self) -> "TrainConfig":
+        if self.answers == "both" and self.objective not in ("kd", "qdpo_flips", "qdpo_flips+kd"):
+            raise ValueError(f"answers=both is for the token-level objectives (kd, qdpo_flips, qdpo_flips+kd); "
+                             f"objective {self.objective!r} already reads both answers of every pair: "
+                             "set answers=chosen")
+        return self
 
 
 class JudgeConfig(_Section):

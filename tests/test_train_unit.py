@@ -379,6 +379,84 @@ def test_flip_step_equals_anchored_length1_pairs_and_starts_at_zero(tiny_llama):
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
 
 
+def _flips_on_answers(reference, teacher, rows, key: str) -> list[dict]:
+    """The anchored L = 1 pairs of every flip along `key`'s answers: prefix prompt + answer[:k], chosen the fp
+    teacher's argmax there, rejected the reference's argmax where it differs."""
+    pairs = []
+    with torch.no_grad():
+        for r in rows:
+            p, y = list(r["prompt_token_ids"]), list(r[key])
+            ids = torch.tensor([p + y])
+            ref, fp = reference(input_ids=ids).logits[0], teacher(input_ids=ids).logits[0]
+            for k in range(len(y)):
+                yk, rk = int(fp[len(p) + k - 1].argmax()), int(ref[len(p) + k - 1].argmax())
+                if rk != yk:
+                    pairs.append({"prompt_token_ids": p + y[:k], "chosen_token_ids": [yk], "rejected_token_ids": [rk]})
+    return pairs
+
+
+def test_answers_both_adds_the_flips_and_kd_along_pi_q_own_answers(tiny_llama):
+    """`train.answers: both`: the flip term also scores π_q's own answers y_l, where the token to prefer is
+    the fp teacher's argmax (the states the quantized model reaches when it generates), and KD covers y_l's
+    positions too. Checked against the anchored L = 1 pairs of both answers' flips and against KD on y_l
+    given as extra chosen answers."""
+    import copy
+
+    from qdpo_ray.config import QuantConfig
+    from qdpo_ray.quant.fake_quant import to_fake_quant
+    from qdpo_ray.train.batch import collate_shared
+    from qdpo_ray.train.logps import add_response_logps
+    from qdpo_ray.train.reference import add_reference_logps
+    from qdpo_ray.train.steps import kd_step, objective_of, preference_micro_step, qdpo_flips_step
+
+    teacher = copy.deepcopy(tiny_llama).requires_grad_(False)
+    reference = to_fake_quant(copy.deepcopy(tiny_llama), QuantConfig(bits=4)).requires_grad_(False).eval()
+    policy = add_response_logps(to_fake_quant(copy.deepcopy(tiny_llama), QuantConfig(bits=4))).train()
+    with torch.no_grad():  # the fp answers: the teacher's own greedy tokens, as the pairs stage writes them
+        rows = []
+        for r in _rows(6, seed=5):
+            ids = list(r["prompt_token_ids"])
+            for _ in range(6):
+                ids.append(int(teacher(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            rows.append({**r, "chosen_token_ids": ids[len(r["prompt_token_ids"]):]})
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+    t = TrainConfig(objective="qdpo_flips", beta=0.5, answers="both")
+    loss, vals, _ = qdpo_flips_step(policy, rows, t, teacher=teacher, reference=reference)
+    on_y_l = _flips_on_answers(reference, teacher, rows, "rejected_token_ids")
+    pairs = _flips_on_answers(reference, teacher, rows, "chosen_token_ids") + on_y_l
+    assert len(on_y_l) >= 3
+    pairs = add_reference_logps(copy.deepcopy(reference), pairs, batch_size=len(pairs))
+    a_loss, a_vals = preference_micro_step(policy, collate_shared(pairs), t)
+    assert loss.item() == pytest.approx(a_loss.item(), abs=1e-5)
+    assert vals[1:4] == pytest.approx(a_vals[1:4], abs=1e-5)
+    chosen_only, _, _ = qdpo_flips_step(policy, rows, t.model_copy(update={"answers": "chosen"}), reference=reference)
+    assert abs(chosen_only.item() - loss.item()) > 1e-4
+
+    kd_both = TrainConfig(objective="kd", answers="both")
+    as_chosen = rows + [{**r, "chosen_token_ids": r["rejected_token_ids"]} for r in rows]
+    kd, _, _ = kd_step(policy, rows, kd_both, teacher=teacher)
+    ref_kd, _, _ = kd_step(policy, as_chosen, TrainConfig(objective="kd"), teacher=teacher)
+    assert kd.item() == pytest.approx(ref_kd.item(), abs=1e-6)
+
+    tk = TrainConfig(objective="qdpo_flips+kd", beta=0.5, kd_weight=0.3, answers="both")
+    mix, _, _ = qdpo_flips_step(policy, rows, tk, teacher=teacher, reference=reference)
+    assert mix.item() == pytest.approx(loss.item() + 0.3 * kd.item(), abs=1e-5)
+    # what the trainer loads and keeps: the teacher, and only pairs that have a y_l
+    assert objective_of(t).teacher and objective_of(t).rejected and not objective_of(TrainConfig(objective="qdpo_flips")).teacher
+
+
+def test_answers_both_is_refused_for_sequence_level_objectives():
+    from qdpo_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.*answers=both is for the token-level objectives.*set answers=chosen"):
+        load_config(None, ["train.objective=qdpo", "train.answers=both"])
+    load_config(None, ["train.objective=kd", "train.answers=both"])
+
+
 def _checkpoint_on_its_own_grid(path, tiny_model_dir):
     """A packed W4 checkpoint of the tiny model on a non-min-max grid, as AWQ/GPTQ write (their scales come
     from a search, not min-max); returns the config that starts from it, the tokenizer, and the fp weights

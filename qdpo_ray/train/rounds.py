@@ -37,7 +37,7 @@ def run_rounds(cfg: RunConfig) -> dict[str, Any]:
     """`train.rounds` rounds; returns the last round's summary with every round's in `rounds`."""
     from qdpo_ray.generate.pairs import run_pairs
     from qdpo_ray.io import atomic_write_json
-    from qdpo_ray.train.steps import OBJECTIVES
+    from qdpo_ray.train.steps import objective_of
     from qdpo_ray.train.trainer import run_train
 
     out = Path(cfg.out)
@@ -50,7 +50,7 @@ def run_rounds(cfg: RunConfig) -> dict[str, Any]:
                                "set train.export=true")
         rdir = out / f"round-{r}"
         kept = None
-        if OBJECTIVES[cfg.train.objective].rejected:
+        if objective_of(cfg.train).rejected:
             pairs = run_pairs(_derive(cfg, out=str(rdir / "pairs"), pairs={"w4_dir": summary["export"], "overwrite": True}))
             pairs_dir, kept = str(rdir / "pairs"), pairs["pairs_kept"]
         else:  # token-level objectives read only y_w; the new reference's flips are found in training

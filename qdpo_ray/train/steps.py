@@ -7,7 +7,7 @@ model. `policy` is the (DeepSpeed-wrapped or plain) π_θ with the response-log-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -39,25 +39,28 @@ def _values(loss: torch.Tensor, pl, lp: torch.Tensor, n: int) -> list[float]:
             lp[:n].mean().item(), lp[n:].mean().item()]
 
 
-def _chosen_forward(policy, rows, pad_id: int, device, *frozen):
-    """π_θ's logits over the chosen (fp) answers, teacher-forced, and those of each frozen model (no
-    grad); the batch (`collate`, chosen only) gives labels and the response mask."""
+def _answers_forward(policy, rows, pad_id: int, device, *frozen, rejected: bool = False):
+    """π_θ's logits over the chosen (fp) answers, teacher-forced — and over the rejected (π_q's) answers after
+    them with `rejected` — and those of each frozen model (no grad); the batch (`collate`) gives labels and
+    the response mask, rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]."""
     from qdpo_ray.train.batch import collate
 
-    b = {k: v.to(device) for k, v in collate(rows, pad_id, rejected=False).items()}
+    b = {k: v.to(device) for k, v in collate(rows, pad_id, rejected=rejected).items()}
     logits = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
     with torch.no_grad():
         others = [m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1] for m in frozen]
     return b, logits, others
 
 
-def _kd_on_chosen(policy, teacher, rows, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean per-token KL(teacher ‖ π_θ) over the chosen (fp) answers' positions; also their log-probs."""
+def _kd(policy, teacher, rows, pad_id: int, device, rejected: bool = False):
+    """Mean per-token KL(teacher ‖ π_θ) over the chosen (fp) answers' positions (and the rejected answers'
+    with `rejected`); also the chosen answers' log-probs and the tokens the batch holds."""
     from qdpo_ray.train.losses import kd_loss, sequence_logps
 
-    b, logits, (tl,) = _chosen_forward(policy, rows, pad_id, device, teacher)
+    b, logits, (tl,) = _answers_forward(policy, rows, pad_id, device, teacher, rejected=rejected)
     loss = kd_loss(logits, tl, b["mask"])
-    lp = sequence_logps(logits.detach(), b["labels"], b["mask"]).double()
+    n = len(rows)
+    lp = sequence_logps(logits[:n].detach(), b["labels"][:n], b["mask"][:n]).double()
     return loss, lp, b["attention_mask"].sum()
 
 
@@ -91,31 +94,40 @@ def qdpo_kd_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None)
     device = _device(policy)
     b = {k: v.to(device) for k, v in collate_shared(rows, pad_id).items()}
     pl, lp, n = _preference(policy, b, t)
-    kd, _, _ = _kd_on_chosen(policy, teacher, rows, pad_id, device)
+    kd, _, _ = _kd(policy, teacher, rows, pad_id, device)
     loss = mixed_loss(pl, kd=kd, kd_weight=t.kd_weight)
     return loss, _values(loss, pl, lp, n), float(b["tokens"])
 
 
 def kd_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
-    """KD baseline (LLM-QAT style): KL to the fp teacher on the fp answers only."""
-    loss, lp, tokens = _kd_on_chosen(policy, teacher, rows, pad_id, _device(policy))
+    """KD baseline (LLM-QAT style): KL to the fp teacher on the fp answers (and on π_q's own answers with
+    `t.answers` = both: on-policy KD, GKD-style)."""
+    loss, lp, tokens = _kd(policy, teacher, rows, pad_id, _device(policy), rejected=t.answers == "both")
     return loss, [loss.item(), 0.0, 0.0, 0.0, 0.0, lp.mean().item(), 0.0], float(tokens)
 
 
 def qdpo_flips_step(policy, rows, t, pad_id: int = 0, teacher=None, reference=None):
     """Flip-level QDPO (`losses.flip_preference_loss`): eq. 5 at every position of the fp answer where the
     reference π_q's argmax differs (π_θ's own with `t.flips_of` = policy), from one teacher-forced pass of
-    π_θ and of π_q over prompt + y_w (the anchored L = 1 pairs of every flip at once; the rejected answers
-    are not read). With `t.kd_weight` > 0 (objective `qdpo_flips+kd`) plus λ·KL(fp ‖ π_θ) on all of y_w,
-    from the same pass."""
+    π_θ and of π_q over prompt + y_w (the anchored L = 1 pairs of every flip at once). With `t.kd_weight` > 0
+    (objective `qdpo_flips+kd`) plus λ·KL(fp ‖ π_θ) on all of y_w, from the same pass.
+
+    With `t.answers` = both the pass also runs over prompt + y_l, π_q's own greedy answer: the prefixes the
+    quantized model itself generates, where the fp model's argmax is y_k — after the first divergence the
+    states KD on y_w never visits. The KD term then covers y_l's positions too."""
     from qdpo_ray.train.losses import flip_preference_loss, kd_loss, mixed_loss
 
-    frozen = (reference, teacher) if t.objective == "qdpo_flips+kd" else (reference,)
-    b, logits, others = _chosen_forward(policy, rows, pad_id, _device(policy), *frozen)
+    both = t.answers == "both"
+    kd_on = t.objective == "qdpo_flips+kd"
+    frozen = (reference, teacher) if kd_on or both else (reference,)
+    b, logits, others = _answers_forward(policy, rows, pad_id, _device(policy), *frozen, rejected=both)
+    targets = b["labels"].clone()
+    if both:  # on π_q's answers the token to prefer is the fp model's argmax, not the answer's own token
+        n = len(rows)
+        targets[n:] = others[1][n:].argmax(-1)
     sel = b["mask"].bool()
-    pl, _ = flip_preference_loss(logits[sel], others[0][sel], b["labels"][sel], t.beta, t.flip_margin,
-                                 t.flips_of)
-    kd = kd_loss(logits, others[1], b["mask"]) if len(others) > 1 else None
+    pl, _ = flip_preference_loss(logits[sel], others[0][sel], targets[sel], t.beta, t.flip_margin, t.flips_of)
+    kd = kd_loss(logits, others[1], b["mask"]) if kd_on else None
     loss = mixed_loss(pl, kd=kd, kd_weight=t.kd_weight if kd is not None else 0.0)
     # per flip (TRL's names, token-level): implicit rewards, and π_θ's log-probs of y_k and of r_k
     margins = pl.chosen_rewards - pl.rejected_rewards
@@ -142,6 +154,14 @@ OBJECTIVES: dict[str, Objective] = {
     "qdpo_flips+kd": Objective(qdpo_flips_step, teacher=True, reference_model=True, rejected=False),
     "kd": Objective(kd_step, teacher=True, rejected=False),
 }
+
+
+def objective_of(t) -> Objective:
+    """What `t.objective` reads and loads under `t` (`answers: both` adds π_q's answers and the fp teacher)."""
+    o = OBJECTIVES[t.objective]
+    if t.answers == "both":
+        o = replace(o, teacher=True, rejected=True)
+    return o
 
 
 def preference_micro_step(model, b: dict[str, torch.Tensor], t) -> tuple[torch.Tensor, list[float]]:

@@ -21,7 +21,7 @@ import torch
 
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
-from qdpo_ray.train.steps import OBJECTIVES
+from qdpo_ray.train.steps import objective_of
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def prepare_pairs(cfg: RunConfig) -> list[dict[str, Any]]:
 
     rows = load_pairs(cfg.train.pairs)
     rows = [truncate(r, cfg.train.max_prompt_len, cfg.train.max_response_len) for r in rows]
-    rows = [r for r in rows if r["chosen_token_ids"] and (r["rejected_token_ids"] or not OBJECTIVES[cfg.train.objective].rejected)]
+    rows = [r for r in rows if r["chosen_token_ids"] and (r["rejected_token_ids"] or not objective_of(cfg.train).rejected)]
     need = cfg.train.per_device_batch_size * cfg.train.grad_accum * cfg.train.num_workers
     if len(rows) < need:
         raise ConfigError(f"train.pairs={cfg.train.pairs!r} has {len(rows)} usable pairs but one optimizer step "
@@ -115,7 +115,7 @@ def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path, pad_id
     from qdpo_ray.io import atomic_path
     from qdpo_ray.train.reference import score_on_ray
 
-    if not OBJECTIVES[cfg.train.objective].reference_logps:
+    if not objective_of(cfg.train).reference_logps:
         return rows
     key = reference_key(cfg, pairs_digest(rows), init_digest)
     cache = out / "reference.parquet"

@@ -27,7 +27,7 @@ import torch
 from qdpo_ray.config import RunConfig
 from qdpo_ray.console import write_progress
 from qdpo_ray.train.distributed import reduce_step_metrics
-from qdpo_ray.train.steps import METRICS, OBJECTIVES
+from qdpo_ray.train.steps import METRICS, objective_of
 
 
 def deepspeed_config(t) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     init = ray.get(config["init_weights"]) if config.get("init_weights") is not None else None
     model = build_policy(cfg, init).train()
-    objective = OBJECTIVES[t.objective]
+    objective = objective_of(t)
     teacher = reference = None
     if objective.teacher:
         from qdpo_ray.models import load_model
