@@ -26,6 +26,7 @@ from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_ge
 from qdpo_ray.evaluate.flips import top2_margin
 from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
 from qdpo_ray.evaluate.stats import differences, differences_table
+from qdpo_ray.generate.fp_answers import fp_greedy_answers
 from qdpo_ray.generate.hf import greedy_generate, teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json, atomic_write_text
 from qdpo_ray.models import load_model, load_tokenizer, resolve_model_path
@@ -126,7 +127,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     fp = load_model(cfg.model, dtype="float32")
     ids = [format_prompt(tok, p, cfg.model) for p in prompts.prompts]
     n_tok = cfg.flips.max_new_tokens
-    fp_answers = greedy_generate(fp, tok, ids, n_tok, cfg.flips.batch_size)
+    fp_answers = fp_greedy_answers(fp, tok, ids, n_tok, cfg.flips.batch_size, cfg.model)
     fp_text = [tok.decode(a, skip_special_tokens=True) for a in fp_answers]
     windows, ppl_label = perplexity_windows(tok, cfg.evaluate.perplexity_corpus, ppl_texts)
     questions = load_questions(judge.questions, judge.questions_limit, judge.categories) if judge else []

@@ -21,7 +21,8 @@ import torch
 
 from qdpo_ray.config import RunConfig, dump_config
 from qdpo_ray.data import format_prompt, load_prompts
-from qdpo_ray.generate.hf import greedy_generate, teacher_forced
+from qdpo_ray.generate.fp_answers import fp_greedy_answers
+from qdpo_ray.generate.hf import teacher_forced
 from qdpo_ray.io import atomic_path, atomic_write_json
 from qdpo_ray.models import load_model, load_tokenizer
 from qdpo_ray.quant.fake_quant import quantize_model_rtn
@@ -99,7 +100,7 @@ def run_flips(cfg: RunConfig) -> dict[str, Any]:
     fp = load_model(cfg.model, dtype="float32")
     ids = [format_prompt(tok, p, cfg.model) for p in prompts.prompts]
     log.info("decoding %d prompts with the fp model", len(ids))
-    answers = greedy_generate(fp, tok, ids, cfg.flips.max_new_tokens, cfg.flips.batch_size)
+    answers = fp_greedy_answers(fp, tok, ids, cfg.flips.max_new_tokens, cfg.flips.batch_size, cfg.model)
     q = quantize_model_rtn(copy.deepcopy(fp), cfg.quant)
     pad = tok.pad_token_id or 0
 
