@@ -30,7 +30,7 @@ def weights_id(model: ModelConfig, dtype: str) -> str | None:
     path = Path(resolve_model_path(model.name))
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix in (".json", ".safetensors"))  # weights, eos ids
-        stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        stamp = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
         return json.dumps({"dir": str(path.resolve()), "files": stamp, "dtype": dtype})
     return json.dumps({"hub": model.name, "revision": model.revision, "dtype": dtype}) if model.revision else None
 
@@ -45,21 +45,22 @@ def arithmetic_id(device) -> str:
 
 
 def fp_greedy_answers(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-                      model_cfg: ModelConfig, dtype: str = "float32") -> list[list[int]]:
-    """`greedy_generate(model, …)` for the fp model of `model_cfg`, from the cache when it has them."""
+                      model_cfg: ModelConfig) -> list[list[int]]:
+    """`greedy_generate(model, …)` for `model`, the fp model of `model_cfg` as loaded, from the cache when it
+    has them."""
     from qdpo_ray.models import cache_dir
 
-    wid = weights_id(model_cfg, dtype)
+    param = next(model.parameters())
+    wid = weights_id(model_cfg, str(param.dtype).removeprefix("torch."))
     if wid is None:
         return greedy_generate(model, tok, prompt_ids, max_new_tokens, batch_size)
-    device = next(model.parameters()).device
-    key = hashlib.sha256(json.dumps([wid, arithmetic_id(device), prompt_ids,
-                                     max_new_tokens, batch_size]).encode()).hexdigest()[:32]
+    arithmetic = arithmetic_id(param.device)
+    key = hashlib.sha256(json.dumps([wid, arithmetic, prompt_ids, max_new_tokens, batch_size]).encode()).hexdigest()[:32]
     path = cache_dir() / "fp-answers" / f"{key}.json"
     if path.is_file():
         log.info("fp answers of %d prompts from %s", len(prompt_ids), path)
         return json.loads(path.read_text())["answers"]
     answers = greedy_generate(model, tok, prompt_ids, max_new_tokens, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"weights": wid, "arithmetic": arithmetic_id(device), "answers": answers})
+    atomic_write_json(path, {"weights": wid, "arithmetic": arithmetic, "answers": answers})
     return answers
