@@ -328,6 +328,10 @@ class JudgeConfig(_Section):
     max_tokens: int = Field(2048, ge=1, description="Judge reply tokens (FastChat: 2048).")
     cache: str | None = Field(None, description="JSONL cache of judgments; null = <out>/judge_cache.jsonl.")
     retry_errors: bool = Field(True, description="A re-run asks again for items whose request failed.")
+    probe_calls: int = Field(24, ge=0, description="The first N judge calls (cached ones count) are a probe: when "
+                             "not one reply carries a verdict or a rating, the judge does not follow MT-Bench's "
+                             "format (a small model does not) and the other calls are not made; the report says "
+                             "so. 0 = make every call.")
     questions: str = Field("mtbench", description="`mtbench` (the 80 questions) or an MT-Bench-format question.jsonl.")
     questions_limit: int | None = Field(None, ge=1, description="Judge only the first N questions (CI-size runs).")
     categories: list[str] | None = Field(None, description="Judge only these MT-Bench categories.")

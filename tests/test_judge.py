@@ -375,6 +375,27 @@ def test_garbage_replies_are_counted_not_fatal(fake, questions):
     assert report["single"]["rtn"]["rated"] == 1
 
 
+def test_a_judge_that_never_gives_a_verdict_is_not_asked_past_the_probe(fake, questions, tmp_path):
+    """A judge that continues the answers instead of judging them (what SmolLM2-135M does): after the first
+    `probe_calls` replies without a verdict or rating the rest is not asked, also on a re-run from the cache."""
+    srv = fake(lambda body, idx: "The bustling marketplace of the city was a vibrant tapestry of colours.")
+    cache = tmp_path / "cache.jsonl"
+    cfg = cfg_for(srv.url, probe_calls=5)
+    report = J.judge_answers(cfg, ANSWERS, questions=questions, cache_path=cache)
+    assert srv.count == 5 and report["calls"]["planned"] == N_CALLS
+    assert report["stopped"] == {"probe": 5, "unparsed": 5, "api_errors": 0, "not_asked": N_CALLS - 5}
+    assert report["errors"]["unparsed"] == 5
+    assert "Stopped after the first 5 judge calls" in J.judge_markdown(report)
+    again = J.judge_answers(cfg, ANSWERS, questions=questions, cache_path=cache)
+    assert srv.count == 5 and again["stopped"]["not_asked"] == N_CALLS - 5      # the cached probe decides
+    # `probe_calls: 0` asks everything; one usable reply in the probe lets the run go on
+    assert J.judge_answers(cfg_for(srv.url, probe_calls=0), ANSWERS, questions=questions)["stopped"] is None
+    assert srv.count == 5 + N_CALLS
+    one_ok = fake(lambda body, idx: "Rating: [[6]]" if idx == 3 else "no verdict here")  # call 4: a grading
+    r = J.judge_answers(cfg_for(one_ok.url, probe_calls=5, concurrency=1), ANSWERS, questions=questions)
+    assert r["stopped"] is None and one_ok.count == N_CALLS
+
+
 def test_api_key_comes_from_env_and_is_never_written(fake, questions, tmp_path, monkeypatch):
     secret = "sk-test-3f9a7c1e5b"
     monkeypatch.setenv("QDPO_JUDGE_TEST_KEY", secret)

@@ -219,7 +219,7 @@ def judge_summary(jr: dict[str, Any]) -> dict[str, Any]:
     for label, e in jr.get("agreement", {}).items():
         models.setdefault(label, {})["mtbench_rouge_l"] = e["rouge_l"]
     return {"judge_model": jr["judge"]["model"], "baseline": jr["baseline"], "questions": jr["questions"],
-            "turns": jr["turns"], "errors": jr["errors"], "models": models}
+            "turns": jr["turns"], "errors": jr["errors"], "stopped": jr.get("stopped"), "models": models}
 
 
 def gap_closed(report: dict[str, Any], label: str, baseline: str = "rtn") -> dict[str, float] | None:
@@ -275,6 +275,9 @@ def results_table(report: dict[str, Any]) -> str:
                     else " baseline |") + f" {_num(r.get('judge_single'), '.2f')} |"
             row += " 1.000 |" if label == j["baseline"] else f" {_num(r.get('mtbench_rouge_l'), '.3f')} |"
         lines.append(row)
+    if j and j.get("stopped"):
+        lines += ["", f"The judge gave no verdict or rating in its first {j['stopped']['probe']} replies, so the other "
+                  f"{j['stopped']['not_asked']} calls were not made (see judge/judge.md)."]
     if report.get("differences"):
         lines += ["", f"Differences over the same {report['n_prompts']} prompts, with 95 % intervals (paired bootstrap; "
                   "an interval holding 0 is no evidence of a difference):", "",

@@ -16,7 +16,8 @@ Tie rules (see docs/judge.md): `paper` (A.4: a win needs both orders, reversed v
 Every judge call goes through a JSONL cache keyed by what determines its answer (question, turn, models
 and their order, judge model, prompt name and text, answer hashes): a re-run asks only what is missing.
 A failing call is retried with exponential backoff, then recorded as an error verdict; a reply without a
-verdict is recorded as `unparsed`. Neither stops the run; the report counts both.
+verdict is recorded as `unparsed`. Neither stops the run; the report counts both. Only a judge that gives
+not one usable reply in the first `probe_calls` calls is not asked the rest (the report says why).
 
 Answers file (one per model, what `load_answers` reads and `save_answers` writes), JSONL:
     {"question_id": 81, "turns": ["answer to turn 1", "answer to turn 2"]}
@@ -527,6 +528,14 @@ def _run_call(call: _Call, client: JudgeClient, cache: JudgeCache, retry_errors:
     return rec
 
 
+def _no_verdict_stop(probe: list[dict[str, Any]], rest: int) -> dict[str, int] | None:
+    """Why the calls after the probe are not made, or None: only when not one probe reply was usable."""
+    if any(r["status"] == "ok" for r in probe):
+        return None
+    return {"probe": len(probe), "unparsed": sum(r["status"] == "unparsed" for r in probe),
+            "api_errors": sum(r["status"] == "api_error" for r in probe), "not_asked": rest}
+
+
 def judge_answers(cfg: JudgeConfig, answers_by_model: dict[str, dict], baseline: str = "fp", *,
                   questions: list[dict[str, Any]] | None = None, cache_path: str | Path | None = None,
                   prompts: dict[str, JudgePrompt] | None = None) -> dict[str, Any]:
@@ -547,13 +556,25 @@ def judge_answers(cfg: JudgeConfig, answers_by_model: dict[str, dict], baseline:
     calls, skipped = _plan(cfg, prompts, questions, answers, baseline)
     cache = JudgeCache(cache_path if cache_path is not None else cfg.cache)
     client = JudgeClient(cfg)
+    probe = calls[:cfg.probe_calls] if cfg.probe_calls else calls
+    stopped = None
     try:
         with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="judge") as ex:
-            records = list(ex.map(lambda c: _run_call(c, client, cache, cfg.retry_errors), calls))
+            run = (lambda c: _run_call(c, client, cache, cfg.retry_errors))
+            records = list(ex.map(run, probe))
+            rest = calls[len(probe):]
+            stopped = _no_verdict_stop(records, len(rest)) if rest else None
+            if stopped is None:
+                records += list(ex.map(run, rest))
     finally:
         cache.close()
         client.close()
+    if stopped:
+        log.warning("judge %r: none of the first %d replies carried a verdict or rating (%d without one, %d API "
+                    "errors); the other %d calls were not made", cfg.model, stopped["probe"], stopped["unparsed"],
+                    stopped["api_errors"], stopped["not_asked"])
     report = summarize(records, cfg, baseline, list(answers), questions)
+    report["stopped"] = stopped
     if baseline in answers:
         report["agreement"] = answer_agreement(answers, baseline, questions, cfg.turns)
     report["skipped"] = skipped
@@ -685,6 +706,13 @@ def judge_markdown(report: dict[str, Any]) -> str:
          f"{report['questions']} questions, turns {', '.join(map(str, report['turns']))}; "
          f"baseline `{report['baseline']}`" + (f"; judge `{j['model']}` at {j['base_url']} "
                                                f"(temperature {j['temperature']})." if judged else "."), ""]
+    if report.get("stopped"):
+        st = report["stopped"]
+        L += [f"**Stopped after the first {st['probe']} judge calls: not one reply carried a verdict or a rating** "
+              f"({st['unparsed']} without one, {st['api_errors']} API errors); the other {st['not_asked']} calls were "
+              "not made. A judge that does not follow MT-Bench's answer format (a small model) gives no usable "
+              "table: use a stronger judge (docs/judge.md), or set `evaluate.judge.probe_calls: 0` to ask every "
+              "call anyway.", ""]
     if report["pairwise"]:
         L += ["## Pairwise comparison with the baseline (Table 1 layout)", "",
               "Each (question, turn) is judged twice with the answers' positions swapped. Lose-rate = "
