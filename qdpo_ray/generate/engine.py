@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 # Environment that pins vLLM to the W4A16 kernels. On GPUs the variable is unknown and ignored.
 W4A16_ENV = {"VLLM_CPU_INT4_W4A8": "0"}
 
+# KV-cache block, in tokens, of CPU engines that live on prefix caching (anchored continuations, beam search).
+# vLLM caches full blocks only and a CPU block is 128 tokens by default, so a prefix shorter than that is
+# never reused; the CPU kernels want multiples of 32. GPUs keep vLLM's 16.
+CPU_PREFIX_BLOCK = 32
+
 
 def apply_w4a16_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Force the W4A16 settings into `environ` (default: this process's), overriding a user's value:

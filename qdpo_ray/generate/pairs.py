@@ -33,7 +33,7 @@ from typing import Any
 
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
-from qdpo_ray.generate.engine import engine_settings, resolve_dtype, w4_engine_dir
+from qdpo_ray.generate.engine import CPU_PREFIX_BLOCK, engine_settings, resolve_dtype, w4_engine_dir
 from qdpo_ray.io import atomic_dir, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -278,19 +278,15 @@ class _PiQAnchors:
             core.shutdown()  # the engine's own process does not outlive the actor
 
 
-ANCHORED_CPU_BLOCK = 32  # KV-cache block of anchored π_q engines on CPU, tokens (vLLM's CPU kernels want multiples of 32)
-
-
 def _build_anchored(cfg: RunConfig, rows: list[dict[str, Any]], fp_dir: str, w4_dir: str, raw_dir: Path):
     """fp engines (y) ─► π_q actors (teacher forcing, anchors, continuations) ─► raw parts."""
     import ray
 
     e = cfg.pairs.engine
     on_gpu = e.gpus_per_actor > 0
-    # vLLM caches full KV blocks only, and CPU's default block (128 tokens) holds no prompt + y[:k] prefix of
-    # a short prompt: without a smaller block every continuation re-reads its whole prefix (GPUs use 16)
+    # every continuation re-reads its whole prompt + y[:k] prefix unless the KV blocks are small (engine.py)
     engine_kwargs, env, _ = engine_settings(e.model_copy(update={"enable_prefix_caching": True}), cfg.seed,
-                                            block_size=None if on_gpu else ANCHORED_CPU_BLOCK)
+                                            block_size=None if on_gpu else CPU_PREFIX_BLOCK)
     ds = _fp_stage(cfg, fp_dir)(ray.data.from_items(rows))
     ds = ds.map_batches(
         _PiQAnchors, batch_format="pyarrow", batch_size=e.batch_size * e.max_concurrent_batches,

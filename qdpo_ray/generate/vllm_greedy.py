@@ -29,9 +29,21 @@ import time
 from pathlib import Path
 
 
-def _engine_kwargs(model: str, dtype: str, max_model_len: int, seed: int) -> dict:
-    return dict(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
-                trust_remote_code=False)
+def _engine_kwargs(model: str, dtype: str, max_model_len: int, seed: int, beams: int = 1) -> dict:
+    kw = dict(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+              trust_remote_code=False)
+    if beams > 1:
+        # vLLM's beam search asks the engine for one token at a time with the whole sequence as the prompt:
+        # only prefix caching keeps that from re-reading every sequence at every step, and on CPU only with
+        # small KV blocks (engine.py). 8 MT-Bench questions, beam 3, 128 tokens: 516 s → 158 s, same beams.
+        import torch
+
+        from qdpo_ray.generate.engine import CPU_PREFIX_BLOCK
+
+        kw["enable_prefix_caching"] = True
+        if not torch.cuda.is_available():
+            kw["block_size"] = CPU_PREFIX_BLOCK
+    return kw
 
 
 def _runnable(model: str, dtype: str) -> str:
@@ -58,7 +70,7 @@ def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: s
 
     model = _runnable(model, dtype)
     t0 = time.time()
-    llm = LLM(**_engine_kwargs(model, dtype, max_model_len, seed))
+    llm = LLM(**_engine_kwargs(model, dtype, max_model_len, seed, beams))
     t1 = time.time()
     prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
     top = None
