@@ -94,6 +94,19 @@ def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: s
             "engine_model": model}
 
 
+def engine_env() -> dict[str, str]:
+    """This process's environment with what an offline engine process of `run` needs."""
+    from qdpo_ray.generate.engine import apply_w4a16_env
+
+    env = apply_w4a16_env(dict(os.environ))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if len(os.sched_getaffinity(0)) <= 4:
+        # vLLM's CPU binding keeps a core for its scheduler process, which idles in an offline run: on
+        # a 2-core machine that halves generation. Bigger machines keep vLLM's NUMA-aware default.
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return env
+
+
 def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
                    logprobs: int | None = None, timeout: float = 900, beams: int = 1,
                    max_model_len: int = 2048) -> dict:
@@ -106,14 +119,7 @@ def run_subprocess(model: str, prompt_token_ids: list[list[int]], max_tokens: in
                "--max-model-len", str(max_model_len)]
         if logprobs:
             cmd += ["--logprobs", str(logprobs)]
-        from qdpo_ray.generate.engine import apply_w4a16_env
-
-        env = apply_w4a16_env(dict(os.environ))
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if len(os.sched_getaffinity(0)) <= 4:
-            # vLLM's CPU binding keeps a core for its scheduler process, which idles in an offline run: on
-            # a 2-core machine that halves generation. Bigger machines keep vLLM's NUMA-aware default.
-            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        env = engine_env()
         # Its own process group holds the engine's processes too (vLLM's EngineCore and workers outlive a
         # killed parent and keep spinning): on Ctrl-C, a timeout or any error here the whole group goes.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
