@@ -457,6 +457,10 @@ def test_no_judge_modes_report_the_answers_agreement_only(questions, tmp_path):
     md = paths["md"].read_text()
     assert md.startswith("# MT-Bench answers against the baseline's (no judge)") and "Pairwise" not in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from qdpo_ray.evaluate.compare import judge_summary, results_table  # `evaluate`'s table names no judge
+    table = results_table({"prompts": "p", "n_prompts": 1, "max_new_tokens": 8, "perplexity_texts": "t",
+                           "models": {"fp": {}, "rtn": {}}, "judge": judge_summary(report)})
+    assert "no judge asked" in table and "Judge:" not in table
 
 
 def test_cli_judge_command(fake, tmp_path, capsys):

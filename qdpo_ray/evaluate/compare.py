@@ -219,7 +219,8 @@ def judge_summary(jr: dict[str, Any]) -> dict[str, Any]:
     for label, e in jr.get("agreement", {}).items():
         models.setdefault(label, {})["mtbench_rouge_l"] = e["rouge_l"]
     return {"judge_model": jr["judge"]["model"], "baseline": jr["baseline"], "questions": jr["questions"],
-            "turns": jr["turns"], "errors": jr["errors"], "stopped": jr.get("stopped"), "models": models}
+            "turns": jr["turns"], "errors": jr["errors"], "stopped": jr.get("stopped"),
+            "judged": bool(jr["pairwise"] or jr["single"]), "models": models}
 
 
 def gap_closed(report: dict[str, Any], label: str, baseline: str = "rtn") -> dict[str, float] | None:
@@ -257,9 +258,11 @@ def results_table(report: dict[str, Any]) -> str:
     j = report.get("judge")
     lines = [f"Held-out prompts: `{report['prompts']}` ({report['n_prompts']}), greedy {report['max_new_tokens']} tokens; "
              f"perplexity on {report['perplexity_texts']}."
-             + (f" Judge: `{j['judge_model']}` on {j['questions']} MT-Bench questions, turns {j['turns']}, against "
-                f"{j['baseline']} (lose-rate: paper rule, FastChat rule in brackets; single: mean 1-10 grade; "
-                f"MT-Bench ROUGE-L: the answers' ROUGE-L to {j['baseline']}'s)."
+             + ((f" Judge: `{j['judge_model']}` on {j['questions']} MT-Bench questions, turns {j['turns']}, against "
+                 f"{j['baseline']} (lose-rate: paper rule, FastChat rule in brackets; single: mean 1-10 grade; "
+                 f"MT-Bench ROUGE-L: the answers' ROUGE-L to {j['baseline']}'s)." if j.get("judged", True) else
+                 f" MT-Bench answers to {j['questions']} questions, turns {j['turns']}, no judge asked (modes: []): "
+                 f"MT-Bench ROUGE-L is the answers' ROUGE-L to {j['baseline']}'s.")
                 if j else ""), "",
              "| model | flip rate ↓ | ROUGE-L to fp ↑ | exact match ↑ | perplexity ↓ |" + (" judge lose-rate ↓ | single ↑ | MT-Bench ROUGE-L ↑ |" if j else ""),
              "|---|---|---|---|---|" + ("---|---|---|" if j else "")]
