@@ -24,10 +24,10 @@ def _variant(a) -> None:
     """One setting in this process: `default` = vLLM's own KV blocks, `project` = `vllm_greedy`'s."""
     import qdpo_ray.generate.vllm_greedy as V
 
-    if a.variant == "default":
+    if a.variant == "default":  # the beam engine as the greedy one is built: vLLM's own KV blocks
+        greedy_kwargs = V._engine_kwargs
         V._engine_kwargs = (lambda model, dtype, max_model_len, seed, beams=1:
-                            dict(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-                                 seed=seed, trust_remote_code=False))
+                            greedy_kwargs(model, dtype, max_model_len, seed))
     ids = json.loads(Path(a.inp).read_text())
     r = V.run(a.model, ids, a.tokens, "float32", max_model_len=1024, beams=a.beams)
     Path(a.out).write_text(json.dumps({k: r[k] for k in ("token_ids", "engine_start_s", "generate_s")}))
