@@ -1,5 +1,6 @@
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,12 @@ def pytest_runtest_makereport(item, call):
         rep.longrepr = f"CI: a dependency is missing ({call.excinfo.value}); scripts/setup_venv.sh installs it"
     if rep.failed and ("ray_local" in item.fixturenames or item.get_closest_marker("vllm")):
         _RAY_ERRORS[item.nodeid] = _ray_log_errors()
+    if rep.failed:
+        _FAILED_MODULES.add(item.module.__name__)
 
 
 _RAY_ERRORS: dict[str, list[str]] = {}
+_FAILED_MODULES: set[str] = set()
 _ERROR_WORDS = ("Error", "Traceback", "Killed", "killed", "OOM", "Segmentation", "Illegal instruction", "died")
 
 
@@ -164,12 +168,35 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """A directory for one module's shared fixtures, removed with the module when all its tests passed
+    (as pyproject's tmp_path_retention_policy does for each test's own tmp_path)."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    if request.module.__name__ not in _FAILED_MODULES:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+RAY_SESSIONS = Path("/tmp/ray")
+
+
+def _ray_sessions() -> set[Path]:
+    return set(RAY_SESSIONS.glob("session_2*")) if RAY_SESSIONS.is_dir() else set()
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _no_ray_outlives_its_module():
-    """A Ray auto-started by a test (Ray APIs do that) is stopped with its module, not inherited by the next."""
+def _no_ray_outlives_its_module(request):
+    """A Ray auto-started by a test (Ray APIs do that) is stopped with its module, not inherited by the next.
+    The Ray sessions the module started (logs, spilled objects) go with it unless one of its tests failed:
+    a full run starts dozens, and CI's disk is shared with two virtual environments."""
+    before = _ray_sessions()
     yield
     import sys
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    if request.module.__name__ not in _FAILED_MODULES:
+        for session in _ray_sessions() - before:
+            shutil.rmtree(session, ignore_errors=True)

@@ -37,12 +37,13 @@ BATCH = 2
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory, ray_local, embedded_model_dir):
+def generated(module_tmp, ray_local, embedded_model_dir):
     """One generation run whose engine actor is SIGKILLed mid-run (after the first part is written): every
     test below checks the output of a run that survived an engine restart."""
     from qdpo_ray.generate.pairs import run_pairs
 
-    out = tmp_path_factory.mktemp("pairs")
+    out = module_tmp / "pairs"
+    out.mkdir()
     killed = []
 
     def killer():

@@ -77,8 +77,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, embedded_model_dir):
-    srv = Server(tmp_path_factory.mktemp("serve"), _free_port(), KEY)
+def server(module_tmp, embedded_model_dir):
+    srv = Server(module_tmp, _free_port(), KEY)
     try:
         srv.wait_ready()
         yield srv

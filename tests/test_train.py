@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pairs16(tmp_path_factory):
-    return synthetic_pairs(tmp_path_factory.mktemp("pairs16"), n=16)
+def pairs16(module_tmp):
+    return synthetic_pairs(module_tmp / "pairs16", n=16)
 
 
 def _cfg(out, model, pairs, *extra):
@@ -34,10 +34,11 @@ FULL_BATCH = ("train.per_device_batch_size=8", "train.max_steps=12", "train.chec
 
 
 @pytest.fixture(scope="module")
-def full_batch_run(tmp_path_factory, ray_local, tiny_model_dir, pairs16):
+def full_batch_run(module_tmp, ray_local, tiny_model_dir, pairs16):
     from qdpo_ray.train.trainer import run_train
 
-    out = tmp_path_factory.mktemp("full_batch")
+    out = module_tmp / "full_batch"
+    out.mkdir()
     return out, run_train(_cfg(out, tiny_model_dir, pairs16, *FULL_BATCH))
 
 
