@@ -142,6 +142,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
 
     from qdpo_ray.io import atomic_write_json
     from qdpo_ray.models import load_tokenizer
+    from qdpo_ray.train.resume_state import drop_resume_state
     from qdpo_ray.train.export import export_trained
     from qdpo_ray.train.report import write_reports
 
@@ -190,6 +191,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
                   title=f"{t.objective.upper()} ({cfg.quant.label}, {'' if t.objective == 'kd' else f'β={t.beta}, '}lr={t.lr})")
     summary.update(export_trained(cfg, weights, out, tok, init_weights))
     summary["codes_moved"] = codes_moved(cfg, weights, init_weights)
+    summary["resume_state_freed_gb"] = round(drop_resume_state(out / "ray" / name) / 1e9, 2)
     atomic_write_json(out / "summary.json", summary)
     return summary
 

@@ -190,8 +190,9 @@ def train_loop(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag="ds", load_lr_scheduler_states=True)
             state = json.loads((Path(d) / "train_state.json").read_text())
+            if state["step"] < total:  # a finished run has dropped its DeepSpeed state (train/resume_state.py)
+                engine.load_checkpoint(d, tag="ds", load_lr_scheduler_states=True)
         step, history = state["step"], state["history"]
 
     while step < total:
