@@ -32,14 +32,13 @@ def pytest_runtest_makereport(item, call):
 
 _RAY_ERRORS: dict[str, list[str]] = {}
 _FAILED_MODULES: set[str] = set()
+RAY_SESSIONS = Path("/tmp/ray")  # where a local `ray.init()` keeps its sessions (logs, spilled objects)
 _ERROR_WORDS = ("Error", "Traceback", "Killed", "killed", "OOM", "Segmentation", "Illegal instruction", "died")
 
 
 def _ray_log_errors(limit: int = 12) -> list[str]:
     """The last distinct error lines in the newest Ray session's actor and raylet logs."""
-    from pathlib import Path
-
-    logs = Path("/tmp/ray/session_latest/logs")
+    logs = RAY_SESSIONS / "session_latest" / "logs"
     seen: dict[str, str] = {}
     for f in sorted(logs.glob("*.err")) + sorted(logs.glob("*.out")) if logs.is_dir() else []:
         try:
@@ -67,7 +66,7 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"CPU flags: {' '.join(sorted(flags)) or 'unknown'}; cores: {os.cpu_count()}")
     for nodeid, lines in _RAY_ERRORS.items():
         tr.write_line(nodeid)
-        for line in lines or ["(no error lines in /tmp/ray/session_latest/logs)"]:
+        for line in lines or [f"(no error lines in {RAY_SESSIONS}/session_latest/logs)"]:
             tr.write_line("  " + line)
 
 
@@ -176,9 +175,6 @@ def module_tmp(request, tmp_path_factory):
     yield path
     if request.module.__name__ not in _FAILED_MODULES:
         shutil.rmtree(path, ignore_errors=True)
-
-
-RAY_SESSIONS = Path("/tmp/ray")
 
 
 def _ray_sessions() -> set[Path]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-# DeepSpeed's `save_checkpoint(d, tag="ds")` writes the tag folder, the `latest` pointer and two
-# conversion scripts; the rest of a checkpoint directory is the project's own.
-RESUME_STATE = ("ds", "latest", "zero_to_fp32.py", "zero_to_torch.py")
+# The tag the worker saves and loads DeepSpeed checkpoints under. `save_checkpoint(d, tag=DS_TAG)` writes
+# the tag folder, the `latest` pointer and two conversion scripts; the rest of a checkpoint is the project's.
+DS_TAG = "ds"
+RESUME_STATE = (DS_TAG, "latest", "zero_to_fp32.py", "zero_to_torch.py")
 
 
 def _size(path: Path) -> int:

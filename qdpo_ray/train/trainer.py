@@ -191,7 +191,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
                   title=f"{t.objective.upper()} ({cfg.quant.label}, {'' if t.objective == 'kd' else f'β={t.beta}, '}lr={t.lr})")
     summary.update(export_trained(cfg, weights, out, tok, init_weights))
     summary["codes_moved"] = codes_moved(cfg, weights, init_weights)
-    summary["resume_state_freed_gb"] = round(drop_resume_state(out / "ray" / name) / 1e9, 2)
+    summary["resume_state_freed_gb"] = round(drop_resume_state(Path(result.checkpoint.path).parent) / 1e9, 2)
     atomic_write_json(out / "summary.json", summary)
     return summary
 

@@ -27,6 +27,7 @@ import torch
 from qdpo_ray.config import RunConfig
 from qdpo_ray.console import write_progress
 from qdpo_ray.train.distributed import reduce_step_metrics
+from qdpo_ray.train.resume_state import DS_TAG
 from qdpo_ray.train.steps import METRICS, objective_of
 
 
@@ -192,7 +193,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / "train_state.json").read_text())
             if state["step"] < total:  # a finished run has dropped its DeepSpeed state (train/resume_state.py)
-                engine.load_checkpoint(d, tag="ds", load_lr_scheduler_states=True)
+                engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=True)
         step, history = state["step"], state["history"]
 
     while step < total:
@@ -243,7 +244,7 @@ def _report_with_checkpoint(engine, cfg, metrics, history, step, rank, final: bo
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag="ds")  # collective: every rank writes its ZeRO partition
+        engine.save_checkpoint(d, tag=DS_TAG)  # collective: every rank writes its ZeRO partition
         sd = _full_state_dict(engine, cfg) if final else None
         if rank == 0:
             (Path(d) / "train_state.json").write_text(json.dumps({"step": step, "history": history}))
