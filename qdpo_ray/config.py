@@ -279,8 +279,9 @@ class TrainConfig(_Section):
                                   "from instead of RTN of the fp model: π_θ and π_q start at its de-quantized weights, on "
                                   "its own grid (paper Table 3, AWQ+QDPO); KD teachers and chosen answers stay the fp model's.")
     rounds: int = Field(1, ge=1, description="On-policy rounds: round r ≥ 2 regenerates the rejected answers "
-                        "with round r-1's W4 export (prompts and pairs sections) and trains on from its weights "
-                        "with it as the reference (qdpo_ray/train/rounds.py).")
+                        "with round r-1's W4 export (for train.pairs' prompts, with the settings in their "
+                        "generation.json) and trains on from its weights with it as the reference "
+                        "(qdpo_ray/train/rounds.py).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     per_device_batch_size: int = Field(4, ge=1, description="Pairs per worker per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")

@@ -552,3 +552,37 @@ def test_awq_latent_weights_are_the_master_weights_and_round_to_the_same_pi_q(tm
     save_file(bad, str(ckpt / LATENT_FILE))
     with pytest.raises(ConfigError, match="model.layers.1.mlp.down_proj does not round"):
         start_weights(str(ckpt), cfg.quant)
+
+
+@pytest.mark.parametrize("mode", ["natural", "anchored"])
+def test_a_round_regenerates_round_1s_prompts_with_round_1s_settings(tmp_path, mode):
+    """Round 2's pairs are round 1's prompts and generation settings with the trained W4 model — never
+    the train config's own prompts section, whose default is the held-out `builtin:eval`."""
+    import json
+
+    from qdpo_ray.config import ConfigError, load_config
+    from qdpo_ray.generate.pairs import generation_key
+    from qdpo_ray.train.rounds import generation_settings, regeneration_config
+
+    gen = ["out=unused", "prompts.source=builtin:train", "prompts.limit=256", "pairs.max_new_tokens=64",
+           "pairs.w4_dir=runs/x/w4-rtn", "model.system_prompt=Be brief.", f"pairs.mode={mode}",
+           "pairs.continuation_len=2", "pairs.anchor_by=margin"]
+    round1 = generation_key(load_config(overrides=gen), "runs/x/w4-rtn")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "generation.json").write_text(json.dumps(round1))
+    cfg = load_config("configs/train.yaml", [f"train.pairs={pairs}", "train.rounds=2", "train.answers=both",
+                                             "train.objective=kd", "pairs.engine.num_actors=2"])
+    assert cfg.prompts.source == "builtin:eval" and cfg.pairs.max_new_tokens == 128  # what a naive round 2 reads
+
+    regen = regeneration_config(cfg, generation_settings(cfg), "runs/t/w4-kd", tmp_path / "round-2" / "pairs")
+    assert generation_key(regen, "runs/t/w4-kd") == {**round1, "w4_dir": "runs/t/w4-kd"}
+    assert regen.pairs.w4_dir == "runs/t/w4-kd" and regen.pairs.overwrite and regen.out.endswith("round-2/pairs")
+    assert regen.pairs.engine.num_actors == 2 and regen.train == cfg.train  # the rest is the run's own
+
+    (pairs / "generation.json").unlink()
+    with pytest.raises(ConfigError, match="train.rounds=2 .*generation.json.*generate-pairs"):
+        generation_settings(cfg)
+    (pairs / "generation.json").write_text(json.dumps({**round1, "model": "other-model"}))
+    with pytest.raises(ConfigError, match="'other-model' but model.name is 'smollm2-135m'"):
+        generation_settings(cfg)

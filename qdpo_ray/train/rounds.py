@@ -4,20 +4,22 @@
     round r: pairs (y_w = fp, y_l = π_θ^(r-1) W4)  → train from π_θ^(r-1)'s weights, reference π_θ^(r-1)
 
 Round 1 is `run_train` on `train.pairs`, written to `out` as a single run would be. Round r ≥ 2
-regenerates pairs with the `prompts` and `pairs` sections (the quantized engine loads round r-1's
-export; anchored pairs find their flips on it too) into `out/round-r/pairs`, and trains into
+regenerates pairs for round 1's prompts with round 1's generation settings, both read from
+`train.pairs/generation.json` (the quantized engine loads round r-1's export; anchored pairs find their
+flips on it too) into `out/round-r/pairs`, and trains into
 `out/round-r`, starting from round r-1's master weights with round r-1's fake-quant model as the
 reference — so its step-0 rewards are 0 again. Every round is resumable as its stages are.
-Objectives that never read y_l (`qdpo_flips`, `kd`) skip the regeneration: round r trains on the same
+Objectives that never read y_l (`qdpo_flips`, `kd`, without `answers: both`) skip the regeneration: round r trains on the same
 fp answers, and round r-1's model as the reference decides which of their tokens are still flips.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from qdpo_ray.config import RunConfig
+from qdpo_ray.config import ConfigError, RunConfig
 
 
 def _derive(cfg: RunConfig, **updates: dict | str) -> RunConfig:
@@ -25,6 +27,35 @@ def _derive(cfg: RunConfig, **updates: dict | str) -> RunConfig:
     for k, v in updates.items():
         data[k] = {**data[k], **v} if isinstance(v, dict) else v
     return RunConfig.model_validate(data)
+
+
+def generation_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The key `generate-pairs` wrote beside `train.pairs`: which prompts, which settings.
+
+    Round r's pairs come from it, not from `cfg`'s prompts and pairs sections: `qdpo-ray train` has no
+    prompts of its own (the section defaults to the held-out `builtin:eval`), so regenerating from `cfg`
+    would train round 2 on the prompts the evaluation holds out, with other lengths."""
+    key_file = Path(cfg.train.pairs) / "generation.json"
+    if not key_file.is_file():
+        raise ConfigError(f"train.rounds={cfg.train.rounds} regenerates the rejected answers for train.pairs' "
+                          f"prompts, but {key_file} does not exist (pairs not made by `qdpo-ray generate-pairs`); "
+                          "make the pairs with generate-pairs, or set train.rounds=1")
+    key = json.loads(key_file.read_text())
+    if key["model"] != cfg.model.name:
+        raise ConfigError(f"train.pairs were generated with model {key['model']!r} but model.name is "
+                          f"{cfg.model.name!r}; round 2 would mix the two: use pairs of {cfg.model.name!r}")
+    return key
+
+
+def regeneration_config(cfg: RunConfig, key: dict[str, Any], w4_dir: str, out: Path) -> RunConfig:
+    """Round r's `generate-pairs` config: round 1's prompts and generation settings, round r-1's W4 export."""
+    data = cfg.model_dump(mode="json")
+    anchored = {k: key[k] for k in ("anchors_per_prompt", "anchor_by", "continuation_len") if k in key}
+    engine = {**data["pairs"]["engine"], "dtype": key["dtype"], "max_model_len": key["max_model_len"]}
+    return _derive(cfg, out=str(out), prompts=key["prompts"],
+                   model={"chat_template": key["chat_template"], "system_prompt": key["system_prompt"]},
+                   pairs={**anchored, "mode": key.get("mode", "natural"), "max_new_tokens": key["max_new_tokens"],
+                          "engine": engine, "w4_dir": w4_dir, "overwrite": True})
 
 
 def final_weights(summary: dict[str, Any]):
@@ -41,6 +72,8 @@ def run_rounds(cfg: RunConfig) -> dict[str, Any]:
     from qdpo_ray.train.trainer import run_train
 
     out = Path(cfg.out)
+    regenerate = cfg.train.rounds > 1 and objective_of(cfg.train).rejected
+    key = generation_settings(cfg) if regenerate else None  # before round 1: a refusal costs no training
     summary = run_train(cfg)
     rounds = [{"round": 1, "out": str(out), "export": summary.get("export"), "final": summary["final"],
                "codes_moved": summary.get("codes_moved")}]
@@ -50,8 +83,8 @@ def run_rounds(cfg: RunConfig) -> dict[str, Any]:
                                "set train.export=true")
         rdir = out / f"round-{r}"
         kept = None
-        if objective_of(cfg.train).rejected:
-            pairs = run_pairs(_derive(cfg, out=str(rdir / "pairs"), pairs={"w4_dir": summary["export"], "overwrite": True}))
+        if regenerate:
+            pairs = run_pairs(regeneration_config(cfg, key, summary["export"], rdir / "pairs"))
             pairs_dir, kept = str(rdir / "pairs"), pairs["pairs_kept"]
         else:  # token-level objectives read only y_w; the new reference's flips are found in training
             pairs_dir = cfg.train.pairs
