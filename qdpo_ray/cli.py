@@ -124,17 +124,19 @@ def _cmd_train(cfg: RunConfig) -> int:
     from pathlib import Path
 
     from qdpo_ray.console import quiet_console, watch_progress
-    from qdpo_ray.train.trainer import run_train
+    from qdpo_ray.train.rounds import run_rounds
 
     # One line per optimizer step on the terminal; Ray's, DeepSpeed's and the workers' logs go to a file.
     out = Path(cfg.out).resolve()
     with quiet_console(out / "logs" / "train.log", enabled=not cfg.pipeline.verbose) as echo, \
             watch_progress(out, echo, "[train] "):
-        s = run_train(cfg)
+        s = run_rounds(cfg)
     f = s["final"] or {}
+    rounds = {"rounds": [{k: r.get(k) for k in ("round", "export", "codes_moved")} for r in s["rounds"]]}
     print(json.dumps({"objective": s["objective"], "steps": s["steps"], "pairs": s["pairs"],
                       **{k: f.get(k) for k in ("loss", "rewards/margins", "rewards/accuracies")},
-                      "trainable_params": s["trainable_params"], "export": s.get("export")}, indent=2))
+                      "trainable_params": s["trainable_params"], "export": s.get("export"),
+                      **(rounds if len(s["rounds"]) > 1 else {})}, indent=2))
     print(f"wrote {cfg.out}/metrics.csv, training.png, tensorboard/, summary.json")
     return 0
 

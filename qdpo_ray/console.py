@@ -72,7 +72,8 @@ def watch_progress(out: Path, echo: Callable[[str], None], prefix: str, every_s:
                     continue
                 if last.get(f) != line:
                     last[f] = line
-                    echo(f"{prefix}{line}")
+                    where = f.parent.relative_to(Path(out)).as_posix()  # a round's subdirectory: say which
+                    echo(f"{prefix}{'' if where == '.' else where + ': '}{line}")
             if stopped:
                 return
 

@@ -43,7 +43,9 @@ def test_progress_lines_are_echoed_once_each(tmp_path):
 def test_kd_baseline_as_a_user_runs_it(tmp_path, tiny_model_dir):
     """`qdpo-ray train --objective kd` as a user runs it: step lines and the summary on the terminal; Ray's
     reports, DeepSpeed and the workers' start-up in <out>/logs/train.log. Full batch, so every step sees the
-    same answers: the KL to the fp teacher must fall, and the W4 export is named after the objective."""
+    same answers: the KL to the fp teacher must fall, and the W4 export is named after the objective. Two
+    rounds (`train.rounds`; KD reads no y_l, so nothing is regenerated): round 2 goes on from round 1's
+    weights — its first KL is round 1's last, not RTN's — into <out>/round-2, its steps on the terminal too."""
     import csv
     import json
     from pathlib import Path
@@ -55,12 +57,17 @@ def test_kd_baseline_as_a_user_runs_it(tmp_path, tiny_model_dir):
     out = tmp_path / "train"
     cmd = [sys.executable, "-m", "qdpo_ray.cli", "train", f"--out={out}", f"--model={tiny_model_dir}",
            f"--pairs={pairs}", "--objective=kd", "--max-steps=8", "--train.per_device_batch_size=16",
-           "--train.lr=1e-4", "--train.warmup_steps=0", "--train.schedule=constant", "--train.checkpoint_every=8"]
+           "--train.lr=1e-4", "--train.warmup_steps=0", "--train.schedule=constant", "--train.checkpoint_every=8",
+           "--train.rounds=2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "[train] step 8/8" in p.stdout and '"steps": 8' in p.stdout
     assert "RayTrainWorker" not in p.stdout + p.stderr and "TrainingReport" not in p.stdout + p.stderr
     assert "RayTrainWorker" in (out / "logs" / "train.log").read_text()
-    loss = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())]
+    assert "[train] round-2: step 8/8" in p.stdout
+    loss, loss2 = ([float(r["loss"]) for r in csv.DictReader((d / "metrics.csv").read_text().splitlines())]
+                   for d in (out, out / "round-2"))
     assert loss[0] > 0 and loss[-1] < 0.7 * loss[0]
-    assert Path(json.loads((out / "summary.json").read_text())["export"]).name == "w4-kd"
+    assert loss2[0] < 0.7 * loss[0] and loss2[-1] < loss2[0]
+    s = json.loads((out / "summary.json").read_text())
+    assert [Path(r["export"]).relative_to(out).as_posix() for r in s["rounds"]] == ["w4-kd", "round-2/w4-kd"]
