@@ -137,7 +137,9 @@ def _cmd_train(cfg: RunConfig) -> int:
                       **{k: f.get(k) for k in ("loss", "rewards/margins", "rewards/accuracies")},
                       "trainable_params": s["trainable_params"], "export": s.get("export"),
                       **(rounds if len(s["rounds"]) > 1 else {})}, indent=2))
-    print(f"wrote {cfg.out}/metrics.csv, training.png, tensorboard/, summary.json")
+    n = len(s["rounds"])
+    print(f"wrote {cfg.out}/metrics.csv, training.png, tensorboard/, summary.json"
+          + (f"; rounds 2-{n} the same in {cfg.out}/round-*/" if n > 1 else ""))
     return 0
 
 
