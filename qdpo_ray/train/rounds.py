@@ -6,11 +6,11 @@
 Round 1 is `run_train` on `train.pairs`, written to `out` as a single run would be. Round r ≥ 2
 regenerates pairs for round 1's prompts with round 1's generation settings, both read from
 `train.pairs/generation.json` (the quantized engine loads round r-1's export; anchored pairs find their
-flips on it too) into `out/round-r/pairs`, and trains into
-`out/round-r`, starting from round r-1's master weights with round r-1's fake-quant model as the
-reference — so its step-0 rewards are 0 again. Every round is resumable as its stages are.
-Objectives that never read y_l (`qdpo_flips`, `kd`, without `answers: both`) skip the regeneration: round r trains on the same
-fp answers, and round r-1's model as the reference decides which of their tokens are still flips.
+flips on it too) into `out/round-r/pairs`, and trains into `out/round-r`, starting from round r-1's
+master weights with round r-1's fake-quant model as the reference — so its step-0 rewards are 0 again.
+Every round is resumable as its stages are. Objectives that never read y_l (`qdpo_flips`, `kd`, without
+`answers: both`) skip the regeneration: round r trains on the same fp answers, and round r-1's model as
+the reference decides which of their tokens are still flips.
 """
 
 from __future__ import annotations
