@@ -561,8 +561,8 @@ def test_a_round_regenerates_round_1s_prompts_with_round_1s_settings(tmp_path, m
     import json
 
     from qdpo_ray.config import ConfigError, load_config
-    from qdpo_ray.generate.pairs import generation_key
-    from qdpo_ray.train.rounds import generation_settings, regeneration_config
+    from qdpo_ray.generate.pairs import generation_key, regeneration_config
+    from qdpo_ray.train.rounds import generation_settings
 
     gen = ["out=unused", "prompts.source=builtin:train", "prompts.limit=256", "pairs.max_new_tokens=64",
            "pairs.w4_dir=runs/x/w4-rtn", "model.system_prompt=Be brief.", f"pairs.mode={mode}",

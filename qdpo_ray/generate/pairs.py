@@ -120,6 +120,9 @@ def part_name(ids: list[str]) -> str:
     return "part-" + hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16] + ".parquet"
 
 
+GENERATION_KEY = "generation.json"  # in a pairs run's `out`: its `generation_key`
+
+
 def generation_key(cfg: RunConfig, w4_dir: str) -> dict[str, Any]:
     """What the raw generations depend on; a resumed run must match it."""
     e, pc = cfg.pairs.engine, cfg.pairs
@@ -130,6 +133,20 @@ def generation_key(cfg: RunConfig, w4_dir: str) -> dict[str, Any]:
             "quant": cfg.quant.model_dump(mode="json") if cfg.pairs.w4_dir is None else None,
             "max_new_tokens": cfg.pairs.max_new_tokens, "dtype": e.dtype, "max_model_len": e.max_model_len,
             "prompts": cfg.prompts.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def regeneration_config(cfg: RunConfig, key: dict[str, Any], w4_dir: str, out: Path) -> RunConfig:
+    """`cfg` set to generate what `key` (a `generation_key`) describes again, with the quantized model
+    `w4_dir`, into `out` (which may hold an older generation: overwritten). The run's seed, engine pool and
+    filters stay its own."""
+    data = cfg.model_dump(mode="json")
+    data["out"], data["prompts"] = str(out), key["prompts"]
+    data["model"].update(chat_template=key["chat_template"], system_prompt=key["system_prompt"])
+    data["pairs"].update({k: key[k] for k in ("anchors_per_prompt", "anchor_by", "continuation_len") if k in key},
+                         mode=key.get("mode", "natural"), max_new_tokens=key["max_new_tokens"], w4_dir=w4_dir,
+                         overwrite=True)
+    data["pairs"]["engine"].update(dtype=key["dtype"], max_model_len=key["max_model_len"])
+    return RunConfig.model_validate(data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,7 +355,7 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
     w4_dir = _ensure_w4(cfg, out)
 
     key = generation_key(cfg, w4_dir)
-    key_file = out / "generation.json"
+    key_file = out / GENERATION_KEY
     if key_file.is_file() and json.loads(key_file.read_text()) != key:
         if not cfg.pairs.overwrite:
             raise ConfigError(f"out={cfg.out!r} holds pairs generated with a different config "

@@ -35,7 +35,9 @@ def generation_settings(cfg: RunConfig) -> dict[str, Any]:
     Round r's pairs come from it, not from `cfg`'s prompts and pairs sections: `qdpo-ray train` has no
     prompts of its own (the section defaults to the held-out `builtin:eval`), so regenerating from `cfg`
     would train round 2 on the prompts the evaluation holds out, with other lengths."""
-    key_file = Path(cfg.train.pairs) / "generation.json"
+    from qdpo_ray.generate.pairs import GENERATION_KEY
+
+    key_file = Path(cfg.train.pairs) / GENERATION_KEY
     if not key_file.is_file():
         raise ConfigError(f"train.rounds={cfg.train.rounds} regenerates the rejected answers for train.pairs' "
                           f"prompts, but {key_file} does not exist (pairs not made by `qdpo-ray generate-pairs`); "
@@ -47,17 +49,6 @@ def generation_settings(cfg: RunConfig) -> dict[str, Any]:
     return key
 
 
-def regeneration_config(cfg: RunConfig, key: dict[str, Any], w4_dir: str, out: Path) -> RunConfig:
-    """Round r's `generate-pairs` config: round 1's prompts and generation settings, round r-1's W4 export."""
-    data = cfg.model_dump(mode="json")
-    anchored = {k: key[k] for k in ("anchors_per_prompt", "anchor_by", "continuation_len") if k in key}
-    engine = {**data["pairs"]["engine"], "dtype": key["dtype"], "max_model_len": key["max_model_len"]}
-    return _derive(cfg, out=str(out), prompts=key["prompts"],
-                   model={"chat_template": key["chat_template"], "system_prompt": key["system_prompt"]},
-                   pairs={**anchored, "mode": key.get("mode", "natural"), "max_new_tokens": key["max_new_tokens"],
-                          "engine": engine, "w4_dir": w4_dir, "overwrite": True})
-
-
 def final_weights(summary: dict[str, Any]):
     from safetensors.torch import load_file
 
@@ -66,7 +57,7 @@ def final_weights(summary: dict[str, Any]):
 
 def run_rounds(cfg: RunConfig) -> dict[str, Any]:
     """`train.rounds` rounds; returns the last round's summary with every round's in `rounds`."""
-    from qdpo_ray.generate.pairs import run_pairs
+    from qdpo_ray.generate.pairs import regeneration_config, run_pairs
     from qdpo_ray.io import atomic_write_json
     from qdpo_ray.train.steps import objective_of
     from qdpo_ray.train.trainer import run_train
