@@ -131,13 +131,12 @@ def _cmd_train(cfg: RunConfig) -> int:
     with quiet_console(out / "logs" / "train.log", enabled=not cfg.pipeline.verbose) as echo, \
             watch_progress(out, echo, "[train] "):
         s = run_rounds(cfg)
-    f = s["final"] or {}
+    f, n = s["final"] or {}, len(s["rounds"])
     rounds = {"rounds": [{k: r.get(k) for k in ("round", "export", "codes_moved")} for r in s["rounds"]]}
     print(json.dumps({"objective": s["objective"], "steps": s["steps"], "pairs": s["pairs"],
                       **{k: f.get(k) for k in ("loss", "rewards/margins", "rewards/accuracies")},
                       "trainable_params": s["trainable_params"], "export": s.get("export"),
-                      **(rounds if len(s["rounds"]) > 1 else {})}, indent=2))
-    n = len(s["rounds"])
+                      **(rounds if n > 1 else {})}, indent=2))
     print(f"wrote {cfg.out}/metrics.csv, training.png, tensorboard/, summary.json"
           + (f"; rounds 2-{n} the same in {cfg.out}/round-*/" if n > 1 else ""))
     return 0
