@@ -572,13 +572,15 @@ def test_a_round_regenerates_round_1s_prompts_with_round_1s_settings(tmp_path, m
     pairs.mkdir()
     (pairs / "generation.json").write_text(json.dumps(round1))
     cfg = load_config("configs/train.yaml", [f"train.pairs={pairs}", "train.rounds=2", "train.answers=both",
-                                             "train.objective=kd", "pairs.engine.num_actors=2"])
+                                             "train.objective=kd", "pairs.engine.num_actors=2", "seed=1"])
     assert cfg.prompts.source == "builtin:eval" and cfg.pairs.max_new_tokens == 128  # what a naive round 2 reads
+    assert round1["seed"] == 0  # a second training seed on the same pairs still regenerates them as made
 
     regen = regeneration_config(cfg, generation_settings(cfg), "runs/t/w4-kd", tmp_path / "round-2" / "pairs")
     assert generation_key(regen, "runs/t/w4-kd") == {**round1, "w4_dir": "runs/t/w4-kd"}
     assert regen.pairs.w4_dir == "runs/t/w4-kd" and regen.pairs.overwrite and regen.out.endswith("round-2/pairs")
     assert regen.pairs.engine.num_actors == 2 and regen.train == cfg.train  # the rest is the run's own
+    assert cfg.seed == 1 and regen.seed == 0
 
     (pairs / "generation.json").unlink()
     with pytest.raises(ConfigError, match="train.rounds=2 .*generation.json.*generate-pairs"):

@@ -137,10 +137,10 @@ def generation_key(cfg: RunConfig, w4_dir: str) -> dict[str, Any]:
 
 def regeneration_config(cfg: RunConfig, key: dict[str, Any], w4_dir: str, out: Path) -> RunConfig:
     """`cfg` set to generate what `key` (a `generation_key`) describes again, with the quantized model
-    `w4_dir`, into `out` (which may hold an older generation: overwritten). The run's seed, engine pool and
-    filters stay its own."""
+    `w4_dir`, into `out` (which may hold an older generation: overwritten). The seed is `key`'s too: it picks
+    the anchors and the fidelity sample. The run's engine pool and filters stay its own."""
     data = cfg.model_dump(mode="json")
-    data["out"], data["prompts"] = str(out), key["prompts"]
+    data["out"], data["prompts"], data["seed"] = str(out), key["prompts"], key["seed"]
     data["model"].update(chat_template=key["chat_template"], system_prompt=key["system_prompt"])
     data["pairs"].update({k: key[k] for k in ("anchors_per_prompt", "anchor_by", "continuation_len") if k in key},
                          mode=key.get("mode", "natural"), max_new_tokens=key["max_new_tokens"], w4_dir=w4_dir,
