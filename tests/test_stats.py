@@ -72,3 +72,21 @@ def test_runs_compared_from_their_files(tmp_path, capsys):
         main([f"{a}:rtn", f"{c}:kd"])
     with pytest.raises(SystemExit, match="no model 'kd'"):
         main([f"{a}:kd"])
+
+
+def test_a_configurations_seeds_enter_as_their_per_prompt_mean(tmp_path, capsys):
+    from qdpo_ray.evaluate.stats import main
+
+    r = _run(tmp_path / "r", {"rtn": ["a", "b"]}, per_prompt={"rtn": {"flips": [2, 2], "rouge_l": [0.0, 0.0]}})
+    s0 = _run(tmp_path / "s0", {"q": ["a", "b"]}, per_prompt={"q": {"flips": [0, 2], "rouge_l": [1.0, 0.0]}})
+    s1 = _run(tmp_path / "s1", {"q": ["a", "b"]}, per_prompt={"q": {"flips": [2, 0], "rouge_l": [0.0, 0.5]}})
+    main([f"{r}:rtn", f"q2={s0}:q,{s1}:q"])  # per prompt: ROUGE-L 0.5 and 0.25, flips 1 and 1 of 3 tokens each
+    assert "| q2 − rtn | -33.3 [-33.3, -33.3] | +0.375 [+0.250, +0.500] |" in capsys.readouterr().out
+    old = _run(tmp_path / "old", {"q": ["a", "b"]})  # no per-prompt flips: the mean has none either
+    main([f"{r}:rtn", f"q2={s0}:q,{old}:q"])
+    assert "| q2 − rtn | — |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="two runs or more"):
+        main([f"{r}:rtn", f"q2={s0}:q"])
+    other = _run(tmp_path / "o", {"q": ["a", "b"]}, fp=("x", "y"))
+    with pytest.raises(SystemExit, match="other prompts or fp answers"):
+        main([f"{r}:rtn", f"q2={s0}:q,{other}:q"])

@@ -8,7 +8,9 @@ difference. Token-weighted metrics (the flip rate: flips / tokens over all promp
 weight) pairs and take Σ value / Σ weight each time.
 
 This is the spread over prompts for fixed trained weights; the spread over training seeds is another one
-(docs/results.md shows both).
+(docs/results.md shows both). A configuration trained with several seeds enters as their per-prompt mean
+(`NAME=RUN:LABEL,RUN:LABEL`), so one seed's luck weighs less in the comparison; the interval is still over
+prompts only.
 """
 
 from __future__ import annotations
@@ -93,16 +95,34 @@ def load_run_model(spec: str) -> tuple[str, dict]:
                    "rouge_l": [rouge_l(r[label], r["fp"]) for r in rows], "flips": None, "tokens": None}
 
 
+def load_spec(spec: str) -> tuple[str, dict]:
+    """`RUN_DIR:LABEL`, or `NAME=RUN_DIR:LABEL,RUN_DIR:LABEL[,...]`: the per-prompt mean of those models (one
+    configuration's seeds: ROUGE-L and flips averaged per prompt; flips None unless every run has them)."""
+    name, sep, members = spec.partition("=")
+    if not sep:
+        return load_run_model(spec)
+    runs = [load_run_model(m)[1] for m in members.split(",") if m]
+    if not name or len(runs) < 2:
+        raise SystemExit(f"{spec!r}: a mean needs NAME=RUN_DIR:LABEL,RUN_DIR:LABEL (two runs or more)")
+    first = runs[0]
+    if any(r["ids"] != first["ids"] or r["fp"] != first["fp"] for r in runs):
+        raise SystemExit(f"{spec!r}: its runs were evaluated on other prompts or fp answers; a mean needs the same")
+    flips = None if any(r["flips"] is None for r in runs) else np.mean([r["flips"] for r in runs], 0).tolist()
+    return name, {"ids": first["ids"], "fp": first["fp"], "rouge_l": np.mean([r["rouge_l"] for r in runs], 0).tolist(),
+                  "flips": flips, "tokens": first["tokens"] if flips is not None else None}
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m qdpo_ray.evaluate.stats RUN_DIR:LABEL RUN_DIR:LABEL [...]: paired differences of models
-    evaluated in separate runs on the same prompts (each against those before it), with 95 % intervals."""
+    evaluated in separate runs on the same prompts (each against those before it), with 95 % intervals.
+    NAME=RUN_DIR:LABEL,RUN_DIR:LABEL stands for the per-prompt mean of several runs (seeds)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m qdpo_ray.evaluate.stats", description=main.__doc__)
-    ap.add_argument("models", nargs="+", metavar="RUN_DIR:LABEL")
+    ap.add_argument("models", nargs="+", metavar="RUN_DIR:LABEL | NAME=RUN_DIR:LABEL,RUN_DIR:LABEL")
     ap.add_argument("--resamples", type=int, default=4000)
     a = ap.parse_args(argv)
-    models = [load_run_model(s) for s in a.models]
+    models = [load_spec(s) for s in a.models]
     first = models[0][1]
     for spec, (_, m) in zip(a.models, models):
         if m["ids"] != first["ids"] or m["fp"] != first["fp"]:
