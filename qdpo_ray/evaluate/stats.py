@@ -95,6 +95,11 @@ def load_run_model(spec: str) -> tuple[str, dict]:
                    "rouge_l": [rouge_l(r[label], r["fp"]) for r in rows], "flips": None, "tokens": None}
 
 
+def same_prompts(a: dict, b: dict) -> bool:
+    """Whether two loaded models were scored on the same prompts against the same fp answers (pairable)."""
+    return a["ids"] == b["ids"] and a["fp"] == b["fp"]
+
+
 def load_spec(spec: str) -> tuple[str, dict]:
     """`RUN_DIR:LABEL`, or `NAME=RUN_DIR:LABEL,RUN_DIR:LABEL[,...]`: the per-prompt mean of those models (one
     configuration's seeds: ROUGE-L and flips averaged per prompt; flips None unless every run has them)."""
@@ -105,7 +110,7 @@ def load_spec(spec: str) -> tuple[str, dict]:
     if not name or len(runs) < 2:
         raise SystemExit(f"{spec!r}: a mean needs NAME=RUN_DIR:LABEL,RUN_DIR:LABEL (two runs or more)")
     first = runs[0]
-    if any(r["ids"] != first["ids"] or r["fp"] != first["fp"] for r in runs):
+    if not all(same_prompts(r, first) for r in runs):
         raise SystemExit(f"{spec!r}: its runs were evaluated on other prompts or fp answers; a mean needs the same")
     flips = None if any(r["flips"] is None for r in runs) else np.mean([r["flips"] for r in runs], 0).tolist()
     return name, {"ids": first["ids"], "fp": first["fp"], "rouge_l": np.mean([r["rouge_l"] for r in runs], 0).tolist(),
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     models = [load_spec(s) for s in a.models]
     first = models[0][1]
     for spec, (_, m) in zip(a.models, models):
-        if m["ids"] != first["ids"] or m["fp"] != first["fp"]:
+        if not same_prompts(m, first):
             raise SystemExit(f"{spec!r}: other prompts or other fp answers than {a.models[0]!r}; paired differences "
                              "need the same evaluation prompts and fp model")
     tokens = next((m["tokens"] for _, m in models if m["tokens"] is not None), None)
