@@ -242,6 +242,20 @@ _STAGE_SHORT["ptq"] = {"--method": ("ptq.method", {"help": "awq | gptq"})}
 _STAGE_FLAGS["ptq"] = ["--model", "--bits", "--group-size", "--symmetric", "--method", "--out", "--seed"]
 
 
+def _cmd_convert(cfg: RunConfig) -> int:
+    from qdpo_ray.convert import convert_to_safetensors
+
+    out = convert_to_safetensors(cfg.model.name, cfg.out, revision=cfg.model.revision)
+    print(f"wrote a safetensors copy of {cfg.model.name} to {out}; use it with --model {out} "
+          f"(or model.name: {out})")
+    return 0
+
+
+_COMMANDS["convert"] = (_cmd_convert, "rewrite a checkpoint with PyTorch .bin weights only as safetensors "
+                        "(read with torch.load(weights_only=True), same shards), the format every stage loads")
+_STAGE_FLAGS["convert"] = ["--model", "--out"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdpo-ray", description="Quantization-aware DPO on Ray.",
                                 epilog="Any config field can be set as --section.key=value.")

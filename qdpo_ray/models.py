@@ -130,16 +130,27 @@ def load_model(model: ModelConfig | str, dtype: str | None = None, attn_implemen
     """Load a causal LM in eval mode (safetensors only, no remote code)."""
     from transformers import AutoModelForCausalLM
 
+    from qdpo_ray.convert import needs_conversion, pickle_weight_files
+
     cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    m = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(cfg.name),
-        revision=cfg.revision,
-        dtype=torch_dtype(dtype or cfg.dtype),
-        trust_remote_code=False,
-        use_safetensors=True,
-        **extra,
-    )
+    path = resolve_model_path(cfg.name)
+    if pickle_weight_files(path):
+        raise needs_conversion(cfg.name)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=torch_dtype(dtype or cfg.dtype),
+            trust_remote_code=False,
+            use_safetensors=True,
+            **extra,
+        )
+    except OSError as e:
+        # A hub repository with .bin weights only: transformers says it "cannot be loaded with `safetensors`".
+        if "cannot be loaded with `safetensors`" in str(e) and not Path(path).is_dir():
+            raise needs_conversion(cfg.name) from None
+        raise
     m.eval()
     return decompress(m)
 
