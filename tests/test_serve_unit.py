@@ -242,13 +242,13 @@ def _limits(**kw):
 
 
 def _chat(**kw):
-    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+    from qdpo_ray.serve.ray_llm import ChatCompletionRequest
 
     return ChatCompletionRequest.model_validate({"model": "w4", "messages": [{"role": "user", "content": "hi"}], **kw})
 
 
 def _completion(**kw):
-    from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest
+    from qdpo_ray.serve.ray_llm import CompletionRequest
 
     return CompletionRequest.model_validate({"model": "w4", "prompt": "hi", **kw})
 

@@ -77,10 +77,10 @@ def ingress_settings(s: ServeConfig) -> dict[str, Any]:
 def build_app(cfg: RunConfig, fp_dir: str | None = None, w4_dir: str | None = None):
     """The Serve application (not yet running)."""
     from ray import serve
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import build_llm_deployment
 
     from qdpo_ray.serve.ingress import ingress_class
+    from qdpo_ray.serve.ray_llm import to_model_metadata
 
     s = cfg.serve
     if fp_dir is None or w4_dir is None:

@@ -21,15 +21,10 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-    OpenAIHTTPException,
-)
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
 from qdpo_ray.serve.compare import CompareRequest, compare_sides, side_from_chat
+from qdpo_ray.serve.ray_llm import ChatCompletionRequest, CompletionRequest, ErrorResponse, OpenAIHTTPException
 
 # Routes open without a token: liveness probes and the page's static HTML (its own calls carry the token).
 PUBLIC_PATHS = frozenset({"/healthz", "/"})
