@@ -501,9 +501,12 @@ def test_start_from_a_quantized_checkpoint_keeps_its_own_grid(tmp_path, tiny_mod
         assert len(checkpoint_grid(weights)) == 14  # 2 layers × 7 Linears
         policy, reference = build_policy(cfg, weights).eval(), load_reference(cfg, weights)
         deq = load_model(str(tmp_path / "ckpt"), dtype="float32").state_dict()
+        fq = {n: mod.quantized_weight() for n, mod in policy.named_modules() if isinstance(mod, FakeQuantLinear)}
+        assert len(fq) == 14 and max((fq[n] - deq[n + ".weight"]).abs().max().item() for n in fq) < 1e-6
+        # the reference holds Q(W) in plain Linears, on the checkpoint's grid too
+        assert not any(isinstance(m, FakeQuantLinear) for m in reference.modules())
+        assert max((reference.get_submodule(n).weight - deq[n + ".weight"]).abs().max().item() for n in fq) < 1e-6
         for model in (policy, reference):
-            fq = {n: mod.quantized_weight() for n, mod in model.named_modules() if isinstance(mod, FakeQuantLinear)}
-            assert len(fq) == 14 and max((fq[n] - deq[n + ".weight"]).abs().max().item() for n in fq) < 1e-6
             assert torch.allclose(model(input_ids=x).logits, ckpt, atol=1e-5)
         rtn_again = quantize_model_rtn(load_model(str(tmp_path / "ckpt"), dtype="float32"), cfg.quant)
         assert (rtn_again(input_ids=x).logits - ckpt).abs().max() > 1e-3
@@ -541,8 +544,9 @@ def test_awq_latent_weights_are_the_master_weights_and_round_to_the_same_pi_q(tm
     x = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         want = load_model(str(ckpt), dtype="float32")(input_ids=x).logits
-        for model in (build_policy(cfg, weights).eval(), load_reference(cfg, weights)):
-            assert any(isinstance(m, FakeQuantLinear) for m in model.modules())
+        policy = build_policy(cfg, weights).eval()
+        assert any(isinstance(m, FakeQuantLinear) for m in policy.modules())
+        for model in (policy, load_reference(cfg, weights)):
             assert torch.allclose(model(input_ids=x).logits, want, atol=1e-5)
     assert codes_moved(cfg, {k: v for k, v in weights.items() if k in latent or k in deq}, weights) == 0
 

@@ -78,6 +78,18 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
 
+    def _apply(self, fn, recurse=True):
+        # The frozen grid is fp32 whatever the module is cast to (`model.to(torch.bfloat16)`, a ZeRO
+        # cast): the export packs on the fp32 grid, so training must quantize on it too. Device moves apply.
+        grid = {k: getattr(self, k) for k in ("frozen_scale", "frozen_zero") if getattr(self, k) is not None}
+        for k in grid:
+            setattr(self, k, None)
+        super()._apply(fn, recurse)
+        for k, g in grid.items():
+            device = fn(torch.empty(0, dtype=g.dtype, device=g.device)).device
+            setattr(self, k, g.to(device=device, dtype=torch.float32))
+        return self
+
     def to_linear(self) -> nn.Linear:
         with torch.device("meta"):
             lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -217,15 +229,19 @@ def from_fake_quant(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def quantize_model_rtn(model: nn.Module, cfg) -> nn.Module:
-    """π_q as a plain model: every targeted weight replaced by its RTN quantize-dequantize (in place)."""
+def quantize_model_rtn(model: nn.Module, cfg, grid: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                       ) -> nn.Module:
+    """π_q as a plain model: every targeted weight replaced by its RTN quantize-dequantize (in place), on
+    min-max grids or, for the layers `grid` names (`checkpoint_grid`), on that scale and zero point."""
     if not cfg.enabled:
         return model
     check_group_size(model, cfg)
     spec = QuantSpec.from_config(cfg)
-    for _, module in quant_targets(model, cfg.targets, cfg.ignore):
+    grid = grid or {}
+    for name, module in quant_targets(model, cfg.targets, cfg.ignore):
         if isinstance(module, nn.Linear):
+            scale, zero = grid.get(name, (None, None))
             # in place: replacing `.data` frees ~200 weight-sized blocks, which raises glibc's mmap
             # threshold and with it the heap high-water mark of everything allocated afterwards
-            module.weight.data.copy_(fake_quantize(module.weight.float(), spec))
+            module.weight.data.copy_(fake_quantize(module.weight.float(), spec, scale, zero))
     return model

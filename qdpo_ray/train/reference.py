@@ -1,8 +1,9 @@
 """Reference log-probs, computed once before training (like TRL's precompute_ref_log_probs).
 
-For QDPO the reference is π_q, evaluated with the *same* fake-quant forward the policy starts from, so
-that at step 0 the implicit rewards are exactly 0 (up to float summation order). Nothing but the policy
-is in memory during training.
+For QDPO the reference is π_q, evaluated with the same forward the policy starts from (Q(W) in plain
+Linears equals the fake-quant's Q(W); the same compute context), so that at step 0 the implicit rewards
+are exactly 0 (up to float summation order). For the sequence-level objectives nothing but the policy is
+in memory during training; the token-level ones (`qdpo_flips*`) keep this model beside it.
 
 The scoring runs on the cluster, not the driver: a Ray Data actor pool with the training workers'
 resources (one reference model per actor, on its GPU when it has one) maps the pairs to their two
@@ -11,7 +12,6 @@ log-probs. At paper scale (50k pairs, 7B) a CPU head node could not do it in rea
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -20,33 +20,24 @@ from qdpo_ray.train.batch import collate_shared
 from qdpo_ray.train.logps import add_response_logps, response_logps
 
 
-def reference_model(fp_model, cfg):
-    """π_ref for the objective: π_q (fake-quant, qdpo) or the fp model itself (dpo_fp_ref)."""
-    from qdpo_ray.quant.fake_quant import to_fake_quant
-
-    if cfg.train.objective == "dpo_fp_ref":
-        return fp_model
-    return to_fake_quant(copy.deepcopy(fp_model), cfg.quant)
-
-
 def load_reference(cfg, init_weights: dict[str, torch.Tensor] | None = None, device="cpu"):
-    """π_ref on its own, frozen: loaded as the policy is (`worker.build_policy`: fp32, SDPA), from an
-    on-policy round's weights when given (the reference is the previous round's π_θ), then
-    `reference_model` in the dtype DeepSpeed gives the policy (`train.precision`), so that step-0 rewards
-    are 0 in bf16 too."""
+    """π_ref on its own, frozen: π_q built in place as plain Linears holding Q(W) (`quantize_model_rtn`,
+    on a starting checkpoint's own grid where it has one) — or the fp model itself for `dpo_fp_ref` —
+    from an on-policy round's weights when given (the reference is the previous round's π_θ).
+
+    Loaded as the policy is (`worker.build_policy`: fp32, SDPA), then `precision.frozen_for_compute`: its
+    forward under `compute_context` is π_θ's step-0 forward, so step-0 rewards are 0 in bf16 too, with
+    the Linear weights in the compute dtype and no fp32 master copy or fake-quant cache beside them."""
     from qdpo_ray.models import load_model
+    from qdpo_ray.quant.fake_quant import checkpoint_grid, quantize_model_rtn
+    from qdpo_ray.train.precision import frozen_for_compute
 
-    fp = load_model(cfg.model, dtype="float32", attn_implementation="sdpa")
-    if init_weights is not None and cfg.train.objective != "dpo_fp_ref":
-        fp.load_state_dict(init_weights, strict=False)  # a checkpoint's grid tensors are read below
-    model = reference_model(fp, cfg)
-    del fp
+    model = load_model(cfg.model, dtype="float32", attn_implementation="sdpa")
     if cfg.train.objective != "dpo_fp_ref":
-        from qdpo_ray.quant.fake_quant import checkpoint_grid, freeze_grid
-
-        freeze_grid(model, checkpoint_grid(init_weights or {}))  # as `worker.build_policy` does
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+        if init_weights is not None:
+            model.load_state_dict(init_weights, strict=False)  # a checkpoint's grid tensors are read below
+        quantize_model_rtn(model, cfg.quant, checkpoint_grid(init_weights or {}))
+    return frozen_for_compute(model, cfg.train.precision).to(device)
 
 
 @torch.no_grad()
@@ -57,13 +48,17 @@ def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_reference_logps(model, rows: list[dict[str, Any]], batch_size: int = 8, pad_id: int = 0
-                        ) -> list[dict[str, Any]]:
+def add_reference_logps(model, rows: list[dict[str, Any]], batch_size: int = 8, pad_id: int = 0,
+                        precision: str = "fp32") -> list[dict[str, Any]]:
+    from qdpo_ray.train.precision import compute_context
+
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        lp = policy_logps(model, collate_shared(chunk, pad_id))
+        with compute_context(precision, device):
+            lp = policy_logps(model, collate_shared(chunk, pad_id))
         n = len(chunk)
         for r, c, rj in zip(chunk, lp[:n].tolist(), lp[n:].tolist()):
             out.append({**r, "ref_chosen_logps": c, "ref_rejected_logps": rj})
@@ -86,13 +81,14 @@ class ReferenceScorer:
         self.model = load_reference(cfg, None if init_weights is None else ray.get(init_weights), device)
         self.micro = cfg.train.per_device_batch_size
         self.pad_id = pad_id
+        self.precision = cfg.train.precision
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         # Ray Data hands token lists back as numpy arrays; collate_shared concatenates Python lists.
         rows = [{k: np.asarray(batch[k][i]).tolist() for k in TOKEN_COLUMNS} for i in range(len(batch["id"]))]
-        scored = add_reference_logps(self.model, rows, self.micro, self.pad_id)
+        scored = add_reference_logps(self.model, rows, self.micro, self.pad_id, self.precision)
         return {"id": batch["id"],
                 "ref_chosen_logps": np.array([r["ref_chosen_logps"] for r in scored]),
                 "ref_rejected_logps": np.array([r["ref_rejected_logps"] for r in scored])}

@@ -27,6 +27,7 @@ import torch
 from qdpo_ray.config import RunConfig
 from qdpo_ray.console import write_progress
 from qdpo_ray.train.distributed import reduce_step_metrics
+from qdpo_ray.train.precision import compute_context
 from qdpo_ray.train.resume_state import DS_TAG
 from qdpo_ray.train.steps import METRICS, objective_of
 
@@ -42,7 +43,8 @@ def deepspeed_config(t) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # fp32 parameters in every precision; bf16 is autocast compute (train/precision.py)
+        "bf16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -172,8 +174,9 @@ def train_loop(config: dict[str, Any]) -> None:
     teacher = reference = None
     if objective.teacher:
         from qdpo_ray.models import load_model
+        from qdpo_ray.train.precision import frozen_for_compute
 
-        teacher = load_model(cfg.model, dtype="float32").requires_grad_(False)
+        teacher = frozen_for_compute(load_model(cfg.model, dtype="float32"), t.precision)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
@@ -202,7 +205,8 @@ def train_loop(config: dict[str, Any]) -> None:
         t0 = time.time()
         sums = [0.0] * (len(METRICS) + 1)
         for mb in micro:
-            loss, vals, tokens = objective.step(engine, mb, t, pad, teacher, reference)
+            with compute_context(t.precision, device):
+                loss, vals, tokens = objective.step(engine, mb, t, pad, teacher, reference)
             engine.backward(loss.float())
             engine.step()
             del loss
@@ -227,7 +231,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _full_state_dict(engine, cfg: RunConfig) -> dict[str, torch.Tensor] | None:
-    """The full (unpartitioned) fp32 master weights on rank 0."""
+    """The full (unpartitioned) parameters on rank 0, in their own dtype: fp32 masters in every precision
+    (`train.precision` is a compute dtype, train/precision.py)."""
     if cfg.train.zero_stage == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()  # gathers every partition to rank 0
     else:
@@ -235,7 +240,7 @@ def _full_state_dict(engine, cfg: RunConfig) -> dict[str, torch.Tensor] | None:
     if sd is None:
         return None
     # clone: tied weights share storage, which safetensors refuses
-    return {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in sd.items()}
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
 
 
 def _report_with_checkpoint(engine, cfg, metrics, history, step, rank, final: bool) -> None:
