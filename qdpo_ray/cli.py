@@ -153,10 +153,10 @@ def _cmd_evaluate(cfg: RunConfig) -> int:
 
 
 def _cmd_pipeline(cfg: RunConfig) -> int:
-    from qdpo_ray.pipeline import format_plan, plan, run_pipeline
+    from qdpo_ray.pipeline import dry_run_text, run_pipeline
 
     if cfg.pipeline.dry_run:
-        print(format_plan(plan(cfg)))
+        print(dry_run_text(cfg))
         return 0
     from pathlib import Path
 
@@ -256,6 +256,35 @@ _COMMANDS["convert"] = (_cmd_convert, "rewrite a checkpoint with PyTorch .bin we
 _STAGE_FLAGS["convert"] = ["--model", "--out"]
 
 
+def _cmd_plan(cfg: RunConfig, opts: argparse.Namespace) -> int:
+    from qdpo_ray.plan import run_plan
+
+    text, stages = run_plan(cfg, opts.plan_model_config, opts.plan_gpu_memory_gib, opts.plan_gpus_per_node)
+    print(text)
+    misfits = [s.stage for s in stages if not s.fits]
+    if misfits:
+        print(f"qdpo-ray plan: {', '.join(misfits)} would not fit a {opts.plan_gpu_memory_gib:g} GiB GPU "
+              "(see the WARNING lines)", file=sys.stderr)
+    return 1 if misfits and opts.plan_strict else 0
+
+
+_COMMANDS["plan"] = (_cmd_plan, "GPUs, nodes, memory per GPU, disk and a time range for every stage of a run, "
+                     "from the model's config alone (no weights, no GPU)")
+_STAGE_FLAGS["plan"] = ["--model", "--bits", "--group-size", "--symmetric", "--out", "--answer-tokens", "--actors",
+                        "--objective", "--workers", "--lora"]
+# Options of a command itself, not config fields: the command gets them as its second argument.
+_OPTIONS: dict[str, list[tuple[str, dict]]] = {"plan": [
+    ("--model-config", {"dest": "plan_model_config", "metavar": "PATH", "help": "the model's config.json, for hub ids the "
+                        "project ships no config of (default: looked up by model.name)"}),
+    ("--gpu-memory-gib", {"dest": "plan_gpu_memory_gib", "metavar": "GIB", "type": float, "default": 80.0,
+                          "help": "memory of one GPU in GiB (default 80)"}),
+    ("--gpus-per-node", {"dest": "plan_gpus_per_node", "metavar": "N", "type": int, "default": 8,
+                         "help": "GPUs per node (default 8)"}),
+    ("--strict", {"dest": "plan_strict", "action": "store_true",
+                  "help": "exit with status 1 when a stage would not fit a GPU"}),
+]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdpo-ray", description="Quantization-aware DPO on Ray.",
                                 epilog="Any config field can be set as --section.key=value.")
@@ -268,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         for flag in _STAGE_FLAGS[name]:
             field, kwargs = _short(name, flag)
             sp.add_argument(flag, dest=field, default=None, **kwargs)
+        for flag, kwargs in _OPTIONS.get(name, []):
+            sp.add_argument(flag, **kwargs)
     return p
 
 
@@ -297,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     try:
+        if command in _OPTIONS:
+            return _COMMANDS[command][0](cfg, build_parser().parse_known_args(argv)[0])
         return _COMMANDS[command][0](cfg)
     except ConfigError as e:
         print(f"qdpo-ray {command}: {e}", file=sys.stderr)

@@ -395,6 +395,17 @@ def format_plan(stages: list[Stage]) -> str:
     return "\n".join(lines)
 
 
+def dry_run_text(cfg: RunConfig) -> str:
+    """What `--dry-run` prints: the stage plan, then each stage's GPUs, memory, disk and time (`qdpo-ray plan`)."""
+    from qdpo_ray.plan import run_plan
+
+    try:
+        resources = run_plan(cfg)[0]
+    except ConfigError as e:
+        resources = f"resources: not planned ({e})"
+    return f"{format_plan(plan(cfg))}\n\n{resources}"
+
+
 # --------------------------------------------------------------------------------------------------
 # Running
 
