@@ -58,8 +58,9 @@ CPU_ENGINE_REF_PARAMS = 1.35e8
 GPU_RUNTIME_GIB = 3.0
 # vLLM's own activations and CUDA graphs inside gpu_memory_utilization.
 VLLM_OVERHEAD_GIB = 2.0
-# A CPU worker's resident memory before any model: Python, torch, Ray, DeepSpeed, transformers imports
-# (measured ru_maxrss of a process with those imports, docs/benchmarks.md "Planner").
+# A CPU worker's resident memory besides the tensors counted here: the imports alone (Python, torch, Ray,
+# DeepSpeed, transformers) measure 0.54 GiB of ru_maxrss; a Ray Train worker adds Ray's core worker, gloo
+# and DeepSpeed's shared-memory op (docs/benchmarks.md, "Planner").
 CPU_PROCESS_BASELINE_GIB = 1.0
 # DeepSpeed defaults the worker's config leaves as they are (elements).
 ZERO_REDUCE_BUCKET = 5e8
@@ -356,6 +357,7 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
     pairs = StagePlan("pairs", "vLLM engines" if gpus else "vLLM engines, CPU", gpus,
                       math.ceil(gpus / gpus_per_node) if gpus else 0, fp_e["gpu_gib"],
                       (fp_e.get("host_gib", 0) + w4_e.get("host_gib", 0)) * pe.num_actors,
+                      # the pairs' token ids as int64 (their text aside)
                       (train_prompts or 0) * (cfg.train.max_prompt_len + 2 * cfg.pairs.max_new_tokens) * 8 / GiB,
                       _range(answer_tokens, rate) if train_prompts else None)
     for label, e in (("fp", fp_e), ("π_q", w4_e)):

@@ -150,3 +150,15 @@ def test_shipped_embedded_config_matches_the_converted_model(embedded_model_dir)
     shipped = pl.model_shape(pl.load_model_config("smollm2-135m"))
     assert shipped == pl.model_shape(AutoConfig.from_pretrained(embedded_model_dir))
     assert shipped.params == 134_515_008 and shipped.tied
+
+
+def test_a_7b_engine_on_a_16_gib_gpu_has_no_kv_room(vicuna):
+    cfg = load_config(PAPER)
+    pairs = next(s for s in pl.plan_run(cfg, vicuna, 16) if s.stage == "pairs")
+    kv = {p.name: p.gib for p in pairs.parts}
+    assert kv["fp KV cache"] == pytest.approx(0.9 * 16 - vicuna.params * 2 / GiB - pl.VLLM_OVERHEAD_GIB)
+    assert kv["fp KV cache"] < 0 < kv["π_q KV cache"]  # the W4 engine fits, the fp one does not
+    assert not pairs.fits and any("tensor_parallel_size" in n for n in pairs.notes)
+    ok = next(s for s in pl.plan_run(load_config(PAPER, ["pairs.engine.tensor_parallel_size=2"]), vicuna, 16)
+              if s.stage == "pairs")
+    assert ok.fits and ok.gpus == 16 and ok.nodes == 2
