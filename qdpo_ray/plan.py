@@ -217,7 +217,7 @@ def train_memory(s: ModelShape, cfg: RunConfig) -> tuple[list[Part], list[Part]]
     dev_pp, host_pp = memory.policy_bytes(t.zero_stage, world, t.offload)
     parts = [Part("policy states", s.params * dev_pp / GiB,
                   f"{dev_pp:.2f} B/param: ZeRO-{t.zero_stage} over {world} rank(s){', offload' if t.offload else ''}")]
-    host = [Part("optimizer offload", s.params * host_pp / GiB)] if host_pp else []
+    host = [Part("host: optimizer offload", s.params * host_pp / GiB)] if host_pp else []
     for role, held in (("teacher", o.teacher), ("reference", o.reference_model)):
         if held:
             b = memory.model_bytes(prec, role, s.linear, s.other, t.zero_stage, world)
@@ -245,9 +245,9 @@ def train_memory(s: ModelShape, cfg: RunConfig) -> tuple[list[Part], list[Part]]
     if gpu:
         parts.append(Part("runtime", GPU_RUNTIME_GIB, "CUDA context, NCCL, allocator"))
         # every worker loads the fp32 model on the CPU before DeepSpeed partitions it
-        host.append(Part("model load (fp32)", s.params * memory.FP32 / GiB))
+        host.append(Part("host: model load (fp32)", s.params * memory.FP32 / GiB))
         if o.teacher:
-            host.append(Part("teacher load (fp32)", s.params * memory.FP32 / GiB))
+            host.append(Part("host: teacher load (fp32)", s.params * memory.FP32 / GiB))
     else:
         parts.append(Part("process baseline", CPU_PROCESS_BASELINE_GIB, "Python, torch, Ray, DeepSpeed"))
     return parts, host
@@ -363,7 +363,7 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
     for label, e in (("fp", fp_e), ("π_q", w4_e)):
         pairs.parts.append(Part(f"{label} weights", e["weights_gib"]))
         pairs.parts.append(Part(f"{label} KV cache", e["kv_gib"],
-                                f"{e['sequences']:.0f} sequences of max_model_len {pe.max_model_len}"))
+                                f"room for {e['sequences']:.0f} sequence(s) of max_model_len {pe.max_model_len}"))
         pairs.fits &= e["fits"]
     pairs.notes.append(f"{pe.num_actors} fp + {pe.num_actors} π_q engines; {train_prompts} prompts × "
                        f"{cfg.pairs.max_new_tokens} answer tokens per model")
@@ -438,7 +438,7 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
                       sfp.get("host_gib", 0) + sw4.get("host_gib", 0), 0.0, None)
     for label, e in (("fp", sfp), ("W4", sw4)):
         serve.parts += [Part(f"{label} weights", e["weights_gib"]),
-                        Part(f"{label} KV cache", e["kv_gib"], f"{e['sequences']:.0f} sequences of {se.max_model_len}")]
+                        Part(f"{label} KV cache", e["kv_gib"], f"room for {e['sequences']:.0f} sequence(s) of max_model_len {se.max_model_len}")]
         serve.fits &= e["fits"]
     if not serve.fits:
         serve.notes.append(f"WARNING serve: the fp engine leaves no KV room for one {se.max_model_len}-token "
