@@ -353,6 +353,9 @@ class JudgeConfig(_Section):
         "transformers in-process, or a vLLM engine per model (fp32 on CPUs without the W4 kernel, else fp16; "
         "several times faster: a full 80-question run "
         "on a CPU needs it). Not for LoRA adapters (evaluate them with transformers).")
+    engine: VllmEngineConfig = Field(default_factory=VllmEngineConfig, description="answer_engine: vllm: where "
+                                     "the engine runs, as a Ray task with these resources (a cluster's GPU node: "
+                                     "gpus_per_actor: 1; one GPU or none, tensor_parallel_size 1).")
     baseline: str = Field("fp", min_length=1, description="Label of the answers every other model is compared with.")
     paper_one_tie: Literal["decisive", "tie"] = Field(
         "decisive", description="Paper rule: a win/loss in one order and a tie in the other counts as that "

@@ -5,15 +5,16 @@ answer to it, question 2 — as FastChat's `gen_model_answer` builds it. Token i
 generators, chosen once per evaluation so that two models' answers differ by their weights only:
 
   transformers   fp32, in this process (the same path as the rest of `qdpo-ray evaluate`)
-  vllm           one vLLM engine per model and turn, in a process of its own (several times faster on a CPU),
-                 fp32 or fp16 as the pairs engines choose (`vllm_dtype`)
+  vllm           one vLLM engine per model and turn, in a Ray task that holds the engine's resources
+                 (`evaluate.judge.engine`: a GPU node's GPU on a cluster whose driver has none; the task starts
+                 the engine in a process of its own), fp32 or fp16 as the pairs engines choose (`vllm_dtype`)
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from qdpo_ray.config import ModelConfig
+from qdpo_ray.config import ConfigError, ModelConfig, VllmEngineConfig
 from qdpo_ray.data import format_prompt
 from qdpo_ray.generate.hf import greedy_generate
 
@@ -24,27 +25,88 @@ def transformers_generator(model, tok, max_new_tokens: int, batch_size: int = 8,
     return lambda ids: greedy_generate(model, tok, ids, max_new_tokens, batch_size, num_beams=num_beams)
 
 
-def vllm_dtype() -> str:
+FIELD = "evaluate.judge.engine"
+
+
+def vllm_dtype(engine: VllmEngineConfig | None = None) -> str:
     """The answer engines' dtype, the pairs engines' `dtype: auto`: fp32 where π_q runs as its dense copy (a
     CPU without vLLM's W4A16 kernel: exact, and 2x faster there than emulated fp16), fp16 where the kernel
-    runs it (AVX-512 CPUs, GPUs). One dtype for every model of an evaluation."""
-    import torch
-
-    from qdpo_ray.config import VllmEngineConfig
+    runs it (GPU engines, AVX-512 CPUs). One dtype for every model of an evaluation."""
     from qdpo_ray.generate.engine import cpu_has_w4_kernel, resolve_dtype
 
-    w4_engine = "packed" if torch.cuda.is_available() or cpu_has_w4_kernel() else "dense"
-    return resolve_dtype(VllmEngineConfig(), w4_engine).dtype
+    e = engine or VllmEngineConfig()
+    if e.gpus_per_actor > 0 or e.w4_kernel != "auto":
+        w4_engine = "packed" if e.gpus_per_actor > 0 else e.w4_kernel
+    else:  # this machine's CPU stands for the engine node's
+        w4_engine = "packed" if cpu_has_w4_kernel() else "dense"
+    return resolve_dtype(e, w4_engine, FIELD).dtype
 
 
-def vllm_generator(model_dir: str, max_new_tokens: int, num_beams: int = 1) -> Generate:
+def answer_task_options(engine: VllmEngineConfig, seed: int = 0) -> dict:
+    """Ray task options of one answer engine: the resources of its placement bundle (generate.engine's
+    `engine_settings`, as the pairs engines and Serve replicas get them) and its environment.
+
+    The engine is one process on one device: a tensor-parallel engine or a shared GPU needs vLLM settings
+    the offline runner does not take, so they are refused here, before any work. On CPU it keeps vLLM's
+    own thread binding over the node's cores (answers are made one engine at a time; one thread per
+    reserved CPU would halve a 2-core laptop), the W4A16 switch and KV-cache size come from the factory."""
+    if engine.tensor_parallel_size != 1:
+        raise ConfigError(f"{FIELD}.tensor_parallel_size={engine.tensor_parallel_size}: the answer engine runs "
+                          f"on one GPU (a 7B model in fp16 fits one); set {FIELD}.tensor_parallel_size=1")
+    if engine.gpus_per_actor not in (0, 1):
+        raise ConfigError(f"{FIELD}.gpus_per_actor={engine.gpus_per_actor:g}: the answer engine takes a whole "
+                          f"GPU or none; set {FIELD}.gpus_per_actor=1 (or 0 for a CPU engine)")
+    from qdpo_ray.generate.engine import engine_settings
+
+    _, env, bundles = engine_settings(engine.model_copy(update={"dtype": vllm_dtype(engine)}), seed)
+    for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND"):
+        env.pop(k, None)
+    bundle = dict(bundles[0])
+    options = {"num_cpus": bundle.pop("CPU", 0), "num_gpus": bundle.pop("GPU", 0),
+               "runtime_env": {"env_vars": env}}
+    if bundle:
+        options["resources"] = bundle
+    return options
+
+
+def _answer_task(model_dir: str, ids: list[list[int]], max_new_tokens: int, dtype: str, beams: int,
+                 max_model_len: int) -> dict:
+    """Runs in a Ray worker that holds the engine's resources; the engine gets a process of its own there."""
+    import os
+
+    import ray
+
     from qdpo_ray.generate.vllm_greedy import run_subprocess
 
+    res = run_subprocess(model_dir, ids, max_new_tokens, dtype, beams=beams, max_model_len=max_model_len,
+                         timeout=3600)
+    ctx = ray.get_runtime_context()
+    res["worker"] = {"pid": os.getpid(), "node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources()}
+    return res
+
+
+def generate_on_ray(model_dir: str, ids: list[list[int]], max_new_tokens: int, num_beams: int = 1,
+                    engine: VllmEngineConfig | None = None, seed: int = 0) -> dict:
+    """`vllm_greedy.run`'s result for `ids`, generated by a Ray task with the engine's resources (a local
+    Ray is started where none runs), plus `worker`: the pid, node and resources the task held."""
+    import ray
+
+    from qdpo_ray.cluster import ensure_ray
+
+    e = engine or VllmEngineConfig()
+    options = answer_task_options(e, seed)
+    ensure_ray(int(options["num_cpus"]) + 1)
+    # the engine's context must hold the longest conversation and its answer; vLLM rejects longer prompts
+    longest = max(map(len, ids)) + max_new_tokens
+    task = ray.remote(_answer_task).options(name="mtbench_answers", max_retries=0, **options)
+    return ray.get(task.remote(model_dir, ids, max_new_tokens, vllm_dtype(e), num_beams,
+                               -(-longest // 256) * 256))
+
+
+def vllm_generator(model_dir: str, max_new_tokens: int, num_beams: int = 1,
+                   engine: VllmEngineConfig | None = None, seed: int = 0) -> Generate:
     def generate(ids: list[list[int]]) -> list[list[int]]:
-        # the engine's context must hold the longest conversation and its answer; vLLM rejects longer prompts
-        longest = max(map(len, ids)) + max_new_tokens
-        return run_subprocess(model_dir, ids, max_new_tokens, vllm_dtype(), beams=num_beams,
-                              max_model_len=-(-longest // 256) * 256, timeout=3600)["token_ids"]
+        return generate_on_ray(model_dir, ids, max_new_tokens, num_beams, engine, seed)["token_ids"]
 
     return generate
 

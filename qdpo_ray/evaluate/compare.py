@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from qdpo_ray.chat_templates import stored_chat_template
 from qdpo_ray.config import ConfigError, RunConfig
 from qdpo_ray.data import format_prompt, load_prompts, mtbench_path
-from qdpo_ray.evaluate.answers import Generate, mtbench_answers, transformers_generator, vllm_dtype, vllm_generator
+from qdpo_ray.evaluate.answers import (Generate, answer_task_options, mtbench_answers, transformers_generator,
+                                       vllm_dtype, vllm_generator)
 from qdpo_ray.evaluate.flips import top2_margin
 from qdpo_ray.evaluate.judge import judge_answers, load_answers, load_questions, save_answers, write_judge_report
 from qdpo_ray.evaluate.stats import differences, differences_table
@@ -115,6 +117,7 @@ def run_evaluate(cfg: RunConfig) -> dict[str, Any]:
     models, ppl_texts = cfg.evaluate.models, cfg.evaluate.perplexity_texts
     judge = cfg.evaluate.judge
     if judge and judge.answer_engine == "vllm":
+        answer_task_options(judge.engine, cfg.seed)  # a setting the answer engine cannot take: before any work
         for label, spec in models.items():
             if _is_adapter(spec) and label not in judge.answers:
                 raise ConfigError(f"evaluate.models.{label}={spec!r} is a LoRA adapter, which the vLLM answer engine "
@@ -185,9 +188,9 @@ def _judge_answers_of(model, tok, label: str, spec: str, questions, cfg: RunConf
     weights = checkpoint_digest(spec) if Path(spec, "config.json").is_file() and list(Path(spec).glob("*.safetensors")) \
         else {"spec": spec, "model": cfg.model.model_dump(mode="json"), "quant": cfg.quant.model_dump(mode="json")}
     key = {"weights": weights, "max_new_tokens": judge.answer_max_new_tokens, "num_beams": judge.num_beams,
-           "engine": judge.answer_engine if judge.answer_engine == "transformers" else f"vllm/{vllm_dtype()}",
+           "engine": judge.answer_engine if judge.answer_engine == "transformers" else f"vllm/{vllm_dtype(judge.engine)}",
            "turns": max(judge.turns), "questions": [[q["question_id"], q["turns"]] for q in questions],
-           "chat": [cfg.model.chat_template, cfg.model.system_prompt]}
+           "chat": [stored_chat_template(cfg.model.chat_template), cfg.model.system_prompt]}
     path, key_path = folder / f"{label}.jsonl", folder / f"{label}.key.json"
     if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
         return load_answers(path)
@@ -205,7 +208,7 @@ def _answer_generator(model, tok, label: str, spec: str, cfg: RunConfig, out: Pa
     # the engine loads weights from disk: fp's own directory, RTN exported once into the run directory
     model_dir = (resolve_model_path(cfg.model.name) if label == "fp"
                  else ensure_rtn_checkpoint(cfg, out / "w4-rtn") if spec == "rtn" else spec)
-    return vllm_generator(model_dir, judge.answer_max_new_tokens, judge.num_beams)
+    return vllm_generator(model_dir, judge.answer_max_new_tokens, judge.num_beams, judge.engine, cfg.seed)
 
 
 def judge_summary(jr: dict[str, Any]) -> dict[str, Any]:

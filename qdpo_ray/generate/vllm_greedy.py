@@ -57,7 +57,11 @@ def _runnable(model: str, dtype: str) -> str:
     from qdpo_ray.generate.engine import w4_engine_dir
     from qdpo_ray.models import cache_dir
 
-    return w4_engine_dir(model, VllmEngineConfig(dtype=dtype), cache_dir() / "dense")[0]
+    import torch
+
+    # a 16-bit GPU engine runs the packed checkpoint (vLLM's GPU W4A16 kernels), whatever this node's CPU lacks
+    gpu = torch.cuda.is_available() and dtype != "float32"
+    return w4_engine_dir(model, VllmEngineConfig(dtype=dtype, gpus_per_actor=1 if gpu else 0), cache_dir() / "dense")[0]
 
 
 def run(model: str, prompt_token_ids: list[list[int]], max_tokens: int, dtype: str = "float16",
