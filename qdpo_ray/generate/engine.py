@@ -17,6 +17,7 @@ or as its de-quantized dense copy (`qdpo_ray.quant.dense`), so all engines compu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 from pathlib import Path
@@ -55,16 +56,36 @@ def engine_settings(e: VllmEngineConfig, seed: int, block_size: int | None = Non
         tensor_parallel_size=e.tensor_parallel_size, seed=seed, trust_remote_code=False,
         enable_prefix_caching=e.enable_prefix_caching, **({"block_size": block_size} if block_size else {}))
     env = apply_w4a16_env({"VLLM_CPU_KVCACHE_SPACE": str(e.kv_cache_gib)})
-    custom = dict(e.resources)
     if on_gpu:
         engine_kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
-        bundles = [{"GPU": 1, "CPU": 1, **custom}] * e.tensor_parallel_size
+        # vLLM's Ray executor (tensor_parallel_size > 1) asks this much GPU per rank of its bundles
+        env["VLLM_RAY_PER_WORKER_GPUS"] = str(e.gpus_per_actor)
     else:
         # vLLM's automatic CPU binding pins every engine on a node to the same core; let each engine
         # use the threads it reserved instead.
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(max(1, int(e.cpus_per_actor))))
-        bundles = [{"CPU": e.cpus_per_actor, **custom}]
-    return engine_kwargs, env, bundles
+    return engine_kwargs, env, engine_bundles(e)
+
+
+def engine_bundles(e: VllmEngineConfig, field: str = "engine") -> list[dict[str, float]]:
+    """The placement-group bundles of one engine: on GPUs one bundle per tensor-parallel rank with
+    `gpus_per_actor` GPUs and one CPU each (a fraction of a GPU packs several small engines on one card);
+    on CPUs one bundle with `cpus_per_actor` CPUs. `e.resources` goes into every bundle."""
+    from qdpo_ray.config import ConfigError
+
+    custom = dict(e.resources)
+    g = e.gpus_per_actor
+    if g <= 0:
+        return [{"CPU": e.cpus_per_actor, **custom}]
+    if g > 1:
+        raise ConfigError(f"{field}.gpus_per_actor={g:g}: GPUs per tensor-parallel rank, and a vLLM rank uses "
+                          f"one GPU at most; set {field}.gpus_per_actor=1 and {field}.tensor_parallel_size="
+                          f"{e.tensor_parallel_size * math.ceil(g)} to spread the model over more GPUs")
+    if g < 1 and e.gpu_memory_utilization > g:
+        raise ConfigError(f"{field}.gpus_per_actor={g:g} shares a GPU between engines, but each would claim "
+                          f"{field}.gpu_memory_utilization={e.gpu_memory_utilization:g} of its memory; set "
+                          f"{field}.gpu_memory_utilization to at most {g:g} (e.g. {0.9 * g:.2f})")
+    return [{"GPU": g, "CPU": 1, **custom} for _ in range(e.tensor_parallel_size)]
 
 
 def cpu_has_w4_kernel(avx512: bool | None = None, machine: str | None = None) -> bool:
