@@ -408,7 +408,8 @@ def run_pairs(cfg: RunConfig) -> dict[str, Any]:
         from qdpo_ray.generate.fidelity import check_pairs
 
         per, fidelity = check_pairs(all_pairs, fp_dir, w4_dir, cfg.pairs.fidelity_sample, cfg.seed,
-                                    tok.pad_token_id or 0, cfg.pairs.engine.cpus_per_actor)
+                                    tok.pad_token_id or 0, cfg.pairs.engine.cpus_per_actor,
+                                    cfg.pairs.engine.gpus_per_actor)
         kept = [{**r, **per.get(r["id"], {})} for r in kept]
 
     meta = {"model": cfg.model.name, "fp_dir": fp_dir, "w4_dir": w4_dir, "quant": cfg.quant.label,
