@@ -108,6 +108,10 @@ def resolve_model_path(name: str) -> str:
                 f"model.name={name!r} is a path but holds no config.json; point it at a HF model "
                 "directory (config.json + *.safetensors) or use a HF model id"
             )
+        from qdpo_ray.convert import needs_conversion, pickle_weight_files
+
+        if pickle_weight_files(path):  # every stage, vLLM's engines too, reads safetensors only
+            raise needs_conversion(name)
         return str(path)
     if name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name={name!r}: no such directory")
@@ -130,13 +134,11 @@ def load_model(model: ModelConfig | str, dtype: str | None = None, attn_implemen
     """Load a causal LM in eval mode (safetensors only, no remote code)."""
     from transformers import AutoModelForCausalLM
 
-    from qdpo_ray.convert import needs_conversion, pickle_weight_files
+    from qdpo_ray.convert import needs_conversion
 
     cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    path = resolve_model_path(cfg.name)
-    if pickle_weight_files(path):
-        raise needs_conversion(cfg.name)
+    path = resolve_model_path(cfg.name)  # a local directory with .bin weights only is refused there
     try:
         m = AutoModelForCausalLM.from_pretrained(
             path,

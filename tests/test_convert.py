@@ -17,7 +17,7 @@ import torch
 from qdpo_ray.cli import main
 from qdpo_ray.config import ConfigError
 from qdpo_ray.convert import convert_to_safetensors, safetensors_name, unshare
-from qdpo_ray.models import load_model, load_tokenizer
+from qdpo_ray.models import load_model, load_tokenizer, resolve_model_path
 
 
 def tiny_llama(tied: bool, vocab: int):
@@ -76,6 +76,8 @@ def test_single_bin_with_tied_embeddings_is_refused_then_converted_exactly(tmp_p
     src = save_bin_checkpoint(model, tok, tmp_path / "bin-model")
     with pytest.raises(ConfigError, match=r"model.name=.*qdpo-ray convert --model .*bin-model --out <dir>"):
         load_model(str(src))
+    with pytest.raises(ConfigError, match="qdpo-ray convert"):  # what vLLM engines and Serve resolve too
+        resolve_model_path(str(src))
 
     out = convert_to_safetensors(src, tmp_path / "converted")
     files = sorted(p.name for p in out.iterdir())
