@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     texts = [json.loads(line)["text"] for line in Path(args.calibration).read_text().splitlines() if line.strip()]
     tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, trust_remote_code=False,
+                                                 use_safetensors=True)  # never a pickle (.bin): qdpo-ray convert
     ds = Dataset.from_list([{"text": t} for t in texts]).map(
         lambda r: tok(r["text"], add_special_tokens=False, truncation=True, max_length=args.max_seq_len),
         remove_columns=["text"])
