@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -36,11 +36,13 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the HF (PyTorch) model. vLLM engines pick their own."
     )
-    chat_template: bool = Field(
-        True, description="Format prompts with the tokenizer's chat template (as a user turn)."
+    chat_template: str = Field(
+        "auto", description="How prompts become text (docs/models.md): `auto` (the tokenizer's own template; an "
+        "error when it has none), `none` (plain text), a preset (`vicuna_v1.1`, `llama-2`, `chatml`), a Jinja "
+        "template, or a .jinja file (read when the config loads). `true`/`false` mean auto/none.",
     )
     system_prompt: str | None = Field(
-        None, description="Optional system message; None keeps the template's default."
+        None, description="Optional system message; None keeps the template's default (vicuna_v1.1's own)."
     )
 
     @field_validator("name")
@@ -49,6 +51,19 @@ class ModelConfig(_Section):
         if not v.strip():
             raise ValueError("must be a HF model id, a local directory or `smollm2-135m`")
         return v
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_template(cls, v: Any) -> str:
+        from qdpo_ray.chat_templates import parse_chat_template
+
+        return parse_chat_template(v)
+
+    @field_serializer("chat_template")
+    def _stored_chat_template(self, v: str) -> str | bool:
+        from qdpo_ray.chat_templates import stored_chat_template
+
+        return stored_chat_template(v)
 
 
 class QuantConfig(_Section):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdpo_ray.chat_templates import resolve_chat_template
 from qdpo_ray.config import ConfigError, ModelConfig, PromptsConfig
 
 _HH_HUMAN = re.compile(r"\n\nHuman:(.*?)(?=\n\nAssistant:|\n\nHuman:|$)", re.S)
@@ -178,9 +179,13 @@ def chat_messages(prompt: str | list[str], model: ModelConfig) -> list[dict[str,
 
 
 def format_prompt(tokenizer, prompt: str | list[str], model: ModelConfig) -> list[int]:
-    """Prompt text (or a conversation ending with a user turn) → the token ids both models see."""
-    if model.chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(chat_messages(prompt, model), add_generation_prompt=True,
-                                             tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(prompt if isinstance(prompt, str) else "\n\n".join(prompt)).input_ids
+    """Prompt text (or a conversation ending with a user turn) → the token ids both models see.
+
+    The template is `model.chat_template` resolved for `tokenizer` (qdpo_ray.chat_templates): under `auto` a
+    tokenizer without its own template is a ConfigError, `none` tokenizes the plain text."""
+    template = resolve_chat_template(model.chat_template, tokenizer)
+    if template is None:
+        return tokenizer(prompt if isinstance(prompt, str) else "\n\n".join(prompt)).input_ids
+    text = tokenizer.apply_chat_template(chat_messages(prompt, model), chat_template=template,
+                                         add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids

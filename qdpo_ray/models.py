@@ -119,7 +119,12 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(model: ModelConfig | str):
+    """A model's tokenizer. From a ModelConfig it carries the template `model.chat_template` resolves to (a
+    ConfigError under `auto` when the tokenizer has none), so what formats prompts and what an export saves
+    agree; from a bare name or directory it is the files as they are."""
     from transformers import AutoTokenizer
+
+    from qdpo_ray.chat_templates import install_chat_template
 
     cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
     tok = AutoTokenizer.from_pretrained(
@@ -127,6 +132,8 @@ def load_tokenizer(model: ModelConfig | str):
     )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if isinstance(model, ModelConfig):
+        install_chat_template(tok, cfg.chat_template)
     return tok
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qdpo_ray.chat_templates import stored_chat_template
 from qdpo_ray.cluster import ensure_ray
 from qdpo_ray.config import ConfigError, RunConfig
 from qdpo_ray.generate.engine import CPU_PREFIX_BLOCK, engine_settings, resolve_dtype, w4_engine_dir
@@ -128,7 +129,7 @@ def generation_key(cfg: RunConfig, w4_dir: str) -> dict[str, Any]:
     e, pc = cfg.pairs.engine, cfg.pairs
     anchored = ({"mode": "anchored", "anchors_per_prompt": pc.anchors_per_prompt, "anchor_by": pc.anchor_by,
                  "continuation_len": pc.continuation_len} if pc.mode == "anchored" else {})
-    return {**anchored, "model": cfg.model.name, "chat_template": cfg.model.chat_template,
+    return {**anchored, "model": cfg.model.name, "chat_template": stored_chat_template(cfg.model.chat_template),
             "system_prompt": cfg.model.system_prompt, "w4_dir": w4_dir,
             "quant": cfg.quant.model_dump(mode="json") if cfg.pairs.w4_dir is None else None,
             "max_new_tokens": cfg.pairs.max_new_tokens, "dtype": e.dtype, "max_model_len": e.max_model_len,

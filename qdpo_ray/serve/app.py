@@ -15,12 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qdpo_ray.config import ConfigError, ReplicasConfig, RunConfig, ServeConfig, load_config
+from qdpo_ray.config import ConfigError, ModelConfig, ReplicasConfig, RunConfig, ServeConfig, load_config
 from qdpo_ray.generate.engine import engine_settings, resolve_dtype, w4_engine_dir
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "qdpo"
+
+
+def fp_model_config(cfg: RunConfig) -> ModelConfig:
+    """The served fp model: `serve.fp_model` when given, else `model`."""
+    return cfg.model.model_copy(update={"name": cfg.serve.fp_model}) if cfg.serve.fp_model else cfg.model
 
 
 def resolve_models(cfg: RunConfig) -> tuple[str, str]:
@@ -29,7 +34,7 @@ def resolve_models(cfg: RunConfig) -> tuple[str, str]:
     from qdpo_ray.quant.export import check_quantized_dir, ensure_rtn_checkpoint
 
     s = cfg.serve
-    model = cfg.model.model_copy(update={"name": s.fp_model}) if s.fp_model else cfg.model
+    model = fp_model_config(cfg)
     fp_dir = resolve_model_path(model.name)
     if s.w4_dir:
         w4_dir = check_quantized_dir(s.w4_dir, "serve.w4_dir")
@@ -45,10 +50,26 @@ def _autoscaling(r: ReplicasConfig) -> dict[str, Any]:
             "max_ongoing_requests": r.max_ongoing_requests}
 
 
-def llm_config(cfg: RunConfig, name: str, model_dir: str, replicas: ReplicasConfig):
+def served_chat_template(cfg: RunConfig) -> str | None:
+    """The chat template both engines' chat routes apply: `model.chat_template` resolved against the fp model's
+    tokenizer, as every stage resolves it (a ConfigError under `auto` when that tokenizer has none). None: each
+    model directory's own (`auto`, `none`)."""
+    from qdpo_ray.chat_templates import AUTO, NONE
+    from qdpo_ray.models import load_tokenizer
+
+    model = fp_model_config(cfg)
+    if model.chat_template == NONE:
+        return None
+    tok = load_tokenizer(model)
+    return None if model.chat_template == AUTO else tok.chat_template
+
+
+def llm_config(cfg: RunConfig, name: str, model_dir: str, replicas: ReplicasConfig, chat_template: str | None = None):
     from ray.serve.llm import LLMConfig
 
     engine_kwargs, env, bundles = engine_settings(cfg.serve.engine, cfg.seed)
+    if chat_template is not None:  # vLLM's frontend argument (--chat-template), here the template's text
+        engine_kwargs["chat_template"] = chat_template
     deployment = _autoscaling(replicas)
     # The replica actor only drives the engine; its CPUs are the bundle's, so it reserves none itself.
     deployment["ray_actor_options"] = {"num_cpus": 0}
@@ -89,7 +110,9 @@ def build_app(cfg: RunConfig, fp_dir: str | None = None, w4_dir: str | None = No
     s = s.model_copy(update={"engine": resolve_dtype(s.engine, w4_engine, "serve.engine")})
     cfg = cfg.model_copy(update={"serve": s})
     log.info("W4 replicas run %s (%s, %s)", w4_dir, w4_engine, s.engine.dtype)
-    configs = [llm_config(cfg, s.fp_name, fp_dir, s.fp_replicas), llm_config(cfg, s.w4_name, w4_dir, s.w4_replicas)]
+    template = served_chat_template(cfg)
+    configs = [llm_config(cfg, s.fp_name, fp_dir, s.fp_replicas, template),
+               llm_config(cfg, s.w4_name, w4_dir, s.w4_replicas, template)]
     ingress_options = ingress_deployment_options(s)
     settings = ingress_settings(s)
     # Only whether a key is set travels with the app, never the key: options, runtime_envs and bind
