@@ -73,6 +73,8 @@ def test_config_values_and_stored_form(tmp_path):
     assert ModelConfig(chat_template="none").model_dump(mode="json")["chat_template"] is False
     old = RunConfig().model_dump(mode="json")
     assert RunConfig.model_validate(old).model.chat_template == "auto"
+    paper = load_config(Path(__file__).parent.parent / "configs" / "paper_vicuna7b_hh.yaml")
+    assert paper.model.chat_template == "vicuna_v1.1"  # Vicuna-7B-v1.5's tokenizer ships no template
     cfg = load_config(None, ["--model.chat_template=llama-2"])
     assert RunConfig.model_validate(cfg.model_dump(mode="json")).model.chat_template == "llama-2"
 

@@ -118,8 +118,8 @@ def export_packed(model: nn.Module, tokenizer, cfg: QuantConfig, out: str | Path
         cfg_json = json.loads(cfg_path.read_text())
         cfg_json["dtype"] = str(_serve_dtype(storage_dtype, serve_dtype)).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg_json, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # with the chat template models.load_tokenizer resolved: vLLM and transformers
+            tokenizer.save_pretrained(tmp)  # read the same prompt format from here (chat_template.jinja)
         meta = {"quant": cfg.model_dump(mode="json"), "label": cfg.label, "format": "pack-quantized",
                 "quantized_layers": len(names)}
         (tmp / "qdpo_quant.json").write_text(json.dumps(meta, indent=2) + "\n")
