@@ -325,7 +325,7 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
     if gpu_memory_gib <= 0:
         raise ConfigError(f"--gpu-memory-gib {gpu_memory_gib}: must be the GPU's memory in GiB, e.g. 80")
     q, t, pe = cfg.quant, cfg.train, cfg.pairs.engine
-    src_b = dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "float32" else memory.FP32
+    src_b = dtype_bytes(cfg.model.dtype)
     fp32 = s.params * memory.FP32 / GiB
     export_gib = vllm_weight_bytes(s, q.enabled, q.bits, q.group_size, src_b) / GiB
     eval_prompts = _count_prompts(cfg.pipeline.eval_prompts)
@@ -346,7 +346,7 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
     fp_e = engine_plan(s, pe, False, q.bits, q.group_size, gpu_memory_gib)
     w4_e = engine_plan(s, pe, q.enabled, q.bits, q.group_size, gpu_memory_gib)
     n_eng = 2 * pe.num_actors
-    gpus = n_eng * fp_e["gpus"]
+    gpus = math.ceil(n_eng * fp_e["gpus"] * pe.gpus_per_actor)  # a fractional share packs engines on a GPU
     answer_tokens = (train_prompts or 0) * cfg.pairs.max_new_tokens
     if pe.gpus_per_actor > 0:
         scale = GPU_ENGINE_REF_PARAMS / s.params
@@ -382,11 +382,11 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
     tok = train_tokens_per_pair(t, o)
     n_pairs = train_prompts or 0
     per_step = world * t.per_device_batch_size * t.grad_accum
-    steps = t.max_steps or (n_pairs // per_step) * t.epochs
+    steps = (t.max_steps or (n_pairs // per_step) * t.epochs) * t.rounds
     flop = steps * per_step * (6 * s.params * tok["policy"]
                                + 2 * s.params * tok["frozen"] * (int(o.teacher) + int(o.reference_model)))
-    if o.reference_logps:  # π_ref's log-probs of every pair, once before training
-        flop += 2 * s.params * n_pairs * tok["policy"]
+    if o.reference_logps:  # π_ref's log-probs of every pair, before each round's training
+        flop += 2 * s.params * n_pairs * tok["policy"] * t.rounds
     total = sum(p.gib for p in dev)
     ckpt_b = (memory.checkpoint_bytes_per_param(t.zero_stage) if hasattr(memory, "checkpoint_bytes_per_param")
               else memory.FP32 + memory.ADAM_MOMENTS)
@@ -412,6 +412,9 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
                        f"weights, the W4 export")
     if t.lora.enabled:
         train.notes.append("LoRA: planned as full training (an upper bound)")
+    if t.rounds > 1:
+        train.notes.append(f"{t.rounds} on-policy rounds: the steps of every round, and each later round "
+                           "regenerates π_q's answers (the pairs stage's π_q time again, not included)")
     if gpu_train and total > gpu_memory_gib:
         train.fits = False
         train.notes.append(f"WARNING train: {total:.1f} GiB per GPU exceeds {gpu_memory_gib:g} GiB; use "
@@ -432,7 +435,8 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
     sfp = engine_plan(s, se, False, q.bits, q.group_size, gpu_memory_gib)
     sw4 = engine_plan(s, se, q.enabled, q.bits, q.group_size, gpu_memory_gib)
     reps = cfg.serve.fp_replicas.max_replicas + cfg.serve.w4_replicas.max_replicas
-    sgpus = (cfg.serve.fp_replicas.max_replicas * sfp["gpus"] + cfg.serve.w4_replicas.max_replicas * sw4["gpus"])
+    sgpus = math.ceil((cfg.serve.fp_replicas.max_replicas * sfp["gpus"] + cfg.serve.w4_replicas.max_replicas
+                       * sw4["gpus"]) * se.gpus_per_actor)
     serve = StagePlan("serve", f"Ray Serve, {reps} engine replica(s)" + ("" if sgpus else ", CPU"), sgpus,
                       math.ceil(sgpus / gpus_per_node) if sgpus else 0, sfp["gpu_gib"],
                       sfp.get("host_gib", 0) + sw4.get("host_gib", 0), 0.0, None)

@@ -162,3 +162,15 @@ def test_a_7b_engine_on_a_16_gib_gpu_has_no_kv_room(vicuna):
     ok = next(s for s in pl.plan_run(load_config(PAPER, ["pairs.engine.tensor_parallel_size=2"]), vicuna, 16)
               if s.stage == "pairs")
     assert ok.fits and ok.gpus == 16 and ok.nodes == 2
+
+
+def test_rounds_and_fractional_engine_gpus(vicuna):
+    one = {s.stage: s for s in pl.plan_run(load_config(PAPER), vicuna)}
+    two = {s.stage: s for s in pl.plan_run(load_config(PAPER, ["train.rounds=2"]), vicuna)}
+    assert two["train"].time_s[0] == pytest.approx(2 * one["train"].time_s[0], rel=0.01)
+    assert two["train"].gpu_gib == one["train"].gpu_gib  # rounds take time, not memory
+    half = {s.stage: s for s in pl.plan_run(load_config(PAPER, ["pairs.engine.gpus_per_actor=0.5",
+                                                                "pairs.engine.gpu_memory_utilization=0.45",
+                                                                "serve.engine.gpus_per_actor=1"]), vicuna)}
+    assert half["pairs"].gpus == 4 and half["pairs"].gpu_gib == pytest.approx(0.45 * 80)
+    assert half["serve"].gpus == 2 and half["serve"].fits
