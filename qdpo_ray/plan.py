@@ -123,6 +123,8 @@ def _config_from_json(path: Path):
 
     try:
         data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}); pass the model's config.json to --model-config") from None
     except ValueError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); pass a model's config.json to --model-config") from None
     if not isinstance(data, dict) or "model_type" not in data:
