@@ -193,6 +193,10 @@ def test_serve_passes_the_resolved_template_to_vllm(bare_dir, embedded_model_dir
     c = llm_config(cfg, "w4", "/some/dir", cfg.serve.w4_replicas, template)
     engine = VLLMEngineConfig.from_llm_config(c)  # how Ray Serve splits engine and frontend (OpenAI) arguments
     assert engine.frontend_kwargs["chat_template"] == PRESETS["vicuna_v1.1"]
+    from vllm.renderers.chat_utils import load_chat_template, validate_chat_template
+
+    validate_chat_template(template)  # what vLLM's frontend does with the argument: the text itself, not a path
+    assert load_chat_template(template) == PRESETS["vicuna_v1.1"]
     assert "chat_template" not in engine.engine_kwargs
     # auto: each directory's own template (no argument); auto on a template-less model fails before any engine
     assert served_chat_template(load_config(None, [f"model.name={embedded_model_dir}"])) is None
