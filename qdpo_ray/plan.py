@@ -390,8 +390,8 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
     if o.reference_logps:  # π_ref's log-probs of every pair, before each round's training
         flop += 2 * s.params * n_pairs * tok["policy"] * t.rounds
     total = sum(p.gib for p in dev)
-    ckpt_b = (memory.checkpoint_bytes_per_param(t.zero_stage) if hasattr(memory, "checkpoint_bytes_per_param")
-              else memory.FP32 + memory.ADAM_MOMENTS)
+    ckpt_b = (memory.checkpoint_bytes_per_param(t.zero_stage, t.precision, t.lora.enabled)
+              if hasattr(memory, "checkpoint_bytes_per_param") else memory.FP32 + memory.ADAM_MOMENTS)
     ckpt = s.params * ckpt_b / GiB
     train = StagePlan("train", f"{world} Ray Train worker(s)" + ("" if gpu_train else ", CPU"),
                       int(math.ceil(world * t.gpus_per_worker)) if gpu_train else 0,
@@ -410,7 +410,7 @@ def plan_run(cfg: RunConfig, s: ModelShape, gpu_memory_gib: float = 80.0, gpus_p
         train.time_s = _range(flop, tuple(world * x * 1e12 for x in CPU_TRAIN_TFLOPS)) if steps else None
     train.notes.append(f"{o.step.__name__.removesuffix('_step')}: {steps} steps × {per_step} pairs × "
                        f"{tok['policy']} tokens; {flop:.2e} FLOP")
-    train.notes.append(f"disk: DeepSpeed checkpoint {ckpt:.1f} GiB ({ckpt_b} B/param) × 2 kept, final fp32 "
+    train.notes.append(f"disk: DeepSpeed checkpoint {ckpt:.1f} GiB ({ckpt_b:g} B/param) × 2 kept, final fp32 "
                        f"weights, the W4 export")
     if t.lora.enabled:
         train.notes.append("LoRA: planned as full training (an upper bound)")

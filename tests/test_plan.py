@@ -174,3 +174,14 @@ def test_rounds_and_fractional_engine_gpus(vicuna):
                                                                 "serve.engine.gpus_per_actor=1"]), vicuna)}
     assert half["pairs"].gpus == 4 and half["pairs"].gpu_gib == pytest.approx(0.45 * 80)
     assert half["serve"].gpus == 2 and half["serve"].fits
+
+
+def test_train_disk_is_two_checkpoints_the_final_weights_and_the_export(vicuna):
+    cfg = load_config(PAPER)
+    train = next(s for s in pl.plan_run(cfg, vicuna) if s.stage == "train")
+    per_param = (memory.checkpoint_bytes_per_param(3, "bf16") if hasattr(memory, "checkpoint_bytes_per_param")
+                 else memory.FP32 + memory.ADAM_MOMENTS)
+    assert per_param == 12  # fp32 partition + Adam moments under ZeRO-3
+    export = pl.vllm_weight_bytes(vicuna, True, 4, None, 2)
+    assert train.disk_gib * GiB == pytest.approx(2 * 12 * vicuna.params + 4 * vicuna.params + export)
+    assert 3.4 * GiB < export < 3.6 * GiB  # docs/cluster.md: the W4A16 export of Vicuna-7B is 3.5 GiB
