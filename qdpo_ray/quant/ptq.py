@@ -96,6 +96,9 @@ def run_ptq(cfg: RunConfig) -> Path:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise RuntimeError(f"llm-compressor {cfg.ptq.method} failed (exit {rc}); full log: {log_path}\n{tail}")
     check_quantized_dir(str(target), "ptq output")
+    from qdpo_ray.models import load_tokenizer
+
+    load_tokenizer(cfg.model).save_pretrained(target)  # with the resolved model.chat_template, as every export
     give_umask_modes(target)  # llm-compressor's safetensors files are written 0600
     atomic_write_json(marker, settings)
     return target
