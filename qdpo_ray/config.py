@@ -313,6 +313,11 @@ class TrainConfig(_Section):
         default_factory=dict, description="Custom Ray resources each worker asks for, e.g. {node_slot: 1} "
         "to spread workers over nodes that advertise one `node_slot` each (`ray start --resources`).")
     checkpoint_every: int = Field(25, ge=1, description="Optimizer steps between checkpoints.")
+    checkpoint_dir: str | None = Field(
+        None, description="Local directory (e.g. the node's NVMe) each worker writes its DeepSpeed checkpoint "
+        "into before Ray Train copies it to <out>/ray; removed after the copy. null = the system temp dir.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in <out>/ray (Ray Train's num_to_keep; "
+                                  "the oldest are deleted).")
     max_failures: int = Field(2, ge=0, description="Worker failures tolerated (restart from the last checkpoint).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     export: bool = Field(True, description="Export the trained model as a packed checkpoint (<out>/w4-<objective>).")

@@ -104,13 +104,17 @@ def test_killed_worker_resumes_to_same_loss(tmp_path, full_batch_run, tiny_model
     # correct resume must reproduce the uninterrupted run exactly.
     # The kill lands after the first checkpoint with most steps still to run: on a fast CPU the tail of
     # a short run can finish between two polls, and a run with nothing left to resume proves nothing.
+    # It also writes its checkpoints through a local train.checkpoint_dir and keeps one in storage.
     _, ref = full_batch_run
     out = tmp_path / "killed"
-    killed = []
+    local = tmp_path / "local-nvme"
+    killed, staged = [], set()
 
     def killer():
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
+            if local.is_dir():
+                staged.update(p.name for p in local.iterdir())
             ray_dir = out / "ray"
             if ray_dir.exists() and list(ray_dir.rglob("checkpoint_*/train_state.json")):
                 state = json.loads(sorted(ray_dir.rglob("checkpoint_*/train_state.json"))[-1].read_text())
@@ -122,9 +126,15 @@ def test_killed_worker_resumes_to_same_loss(tmp_path, full_batch_run, tiny_model
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    res = run_train(_cfg(out, tiny_model_dir, pairs16, *FULL_BATCH))
+    res = run_train(_cfg(out, tiny_model_dir, pairs16, *FULL_BATCH, f"train.checkpoint_dir={local}",
+                         "train.keep_checkpoints=1"))
     th.join(timeout=5)
     assert killed, "no worker was killed"
+    assert {n.split("-")[1] for n in staged} == {"rank0", "rank1"}, staged  # every rank staged its partition there
+    # Ray Train keeps one; the killed attempt may leave one more it never registered (a rank died mid-copy)
+    (snapshot,) = (out / "ray").glob("train-*/checkpoint_manager_snapshot.json")
+    assert len(json.loads(snapshot.read_text())["checkpoint_results"]) == 1
+    assert len([p for p in (out / "ray").glob("train-*/checkpoint_*") if p.is_dir()]) <= 2
     assert res["steps"] == 12
     assert res["final"]["loss"] == pytest.approx(ref["final"]["loss"], abs=1e-3)
     assert res["final"]["rewards/margins"] == pytest.approx(ref["final"]["rewards/margins"], abs=1e-3)

@@ -63,3 +63,32 @@ def enable_selective_checkpointing(model) -> bool:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
         "use_reentrant": False, "context_fn": functools.partial(selective_checkpoint_context)})
     return True
+
+
+# ---- ZeRO-3 with frozen parameters ------------------------------------------------------------------
+# Non-reentrant checkpointing (what `enable_selective_checkpointing` uses) inside a ZeRO-3 engine that
+# holds frozen parameters — LoRA's frozen base — fails in backward with torch's "Recomputed values ...
+# have different metadata" (saved shape [n], recomputed [0]) in DeepSpeed releases before 0.19.3: the
+# recompute's forward hooks re-partition the frozen parameters in place while torch's checkpoint still
+# holds them undetached. DeepSpeed 0.19.3 ("Z3: Support for activation ckpt with frozen params") keeps
+# them gathered until the recompute's backward releases them.
+FROZEN_RECOMPUTE_DEEPSPEED = "0.19.3"
+
+
+def deepspeed_recomputes_frozen_params(version: str) -> bool:
+    """Whether DeepSpeed `version` runs non-reentrant activation checkpointing over frozen ZeRO-3 parameters."""
+    from packaging.version import Version
+
+    return Version(version) >= Version(FROZEN_RECOMPUTE_DEEPSPEED)
+
+
+def check_frozen_recompute(lora: bool, zero_stage: int, deepspeed_version: str) -> None:
+    """Refuse LoRA under ZeRO-3 with a DeepSpeed that would crash in its first backward."""
+    from qdpo_ray.config import ConfigError
+
+    if lora and zero_stage == 3 and not deepspeed_recomputes_frozen_params(deepspeed_version):
+        raise ConfigError(
+            f"train.lora.enabled=true with train.zero_stage=3 needs DeepSpeed >= {FROZEN_RECOMPUTE_DEEPSPEED} "
+            f"(installed: {deepspeed_version}): older releases break the activation checkpointing of the frozen "
+            f"base in backward. Upgrade it (pip install 'deepspeed>={FROZEN_RECOMPUTE_DEEPSPEED}') or set "
+            "train.zero_stage=2 (LoRA's optimizer state is small; ZeRO-2 partitions it as well)")

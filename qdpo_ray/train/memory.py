@@ -71,3 +71,32 @@ def model_bytes(precision: str, role: str, linear_params: int, other_params: int
     unless tied) and `other_params` other parameters (embeddings, norms)."""
     return (linear_params * bytes_per_param(precision, role, zero_stage, world, "linear", offload)
             + other_params * bytes_per_param(precision, role, zero_stage, world, "other", offload))
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+# What `engine.save_checkpoint` writes, summed over all ranks (measured with DeepSpeed 0.19.8): the
+# optimizer files hold every trainable parameter's fp32 master (ZeRO-3: the partition itself; ZeRO-2:
+# the optimizer's fp32 copy) and its two Adam moments, 12 B; ZeRO-2 also writes the full module state
+# once (4 B for every parameter, frozen ones included), ZeRO-3 only the frozen parameters' fp32
+# fragments (4 B each). The same under bf16: the module keeps fp32 masters.
+TRAINABLE_CHECKPOINT = FP32 + ADAM_MOMENTS
+
+
+def checkpoint_bytes(zero_stage: int, params: int, trainable: int | None = None) -> float:
+    """Bytes of one DeepSpeed checkpoint of a model of `params` parameters, `trainable` of them trained
+    (None: all), summed over the ranks; independent of the number of ranks."""
+    if zero_stage not in (2, 3):
+        raise ValueError(f"zero_stage must be 2 or 3, not {zero_stage}")
+    trainable = params if trainable is None else trainable
+    if not 0 <= trainable <= params:
+        raise ValueError(f"trainable ({trainable}) must be between 0 and params ({params})")
+    module = FP32 * params if zero_stage == 2 else FP32 * (params - trainable)
+    return module + TRAINABLE_CHECKPOINT * trainable
+
+
+def checkpoint_bytes_per_param(zero_stage: int, precision: str = "fp32", lora: bool = False) -> float:
+    """Checkpoint bytes per model parameter: full training 16 (ZeRO-2) or 12 (ZeRO-3); with LoRA the
+    frozen base's 4 (its adapters, r·(in + out) per adapted Linear, add 12 B each: `checkpoint_bytes`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    return checkpoint_bytes(zero_stage, 1, 0 if lora else 1)

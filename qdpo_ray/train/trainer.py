@@ -33,6 +33,16 @@ def check(cfg: RunConfig) -> None:
     if cfg.train.export:
         require_packable(cfg.quant.bits, needs="train.export=true writes",
                          hint="set train.export=false to keep only the training checkpoint, or quant.bits=4 or 8")
+    if cfg.train.lora.enabled and cfg.train.zero_stage == 3:
+        from importlib.metadata import version
+
+        from qdpo_ray.train.checkpointing import check_frozen_recompute
+
+        check_frozen_recompute(True, 3, version("deepspeed"))
+    if cfg.train.checkpoint_dir and not Path(cfg.train.checkpoint_dir).is_absolute():
+        raise ConfigError(f"train.checkpoint_dir={cfg.train.checkpoint_dir!r} is read on every training node, "
+                          "from the worker's own working directory: give an absolute path (e.g. /mnt/nvme/qdpo) "
+                          "or null for the system temp dir")
     if cfg.train.init_from:
         from qdpo_ray.quant.export import check_quantized_dir
 
@@ -93,16 +103,26 @@ def _hash(obj: Any) -> str:
 
 def reference_key(cfg: RunConfig, digest: str, init_digest: str | None = None) -> str:
     """Everything the reference log-probs depend on: the model (name, revision, dtype), the quantizer,
-    the reference's identity (objective), the precision it runs in, the starting weights and the pairs."""
+    the reference's identity (objective), the precision it runs in, the starting weights and the pairs.
+    bf16 is named as what it is (autocast over fp32 weights, train/precision.py), so log-probs cached from
+    a module cast to bf16 are not reused."""
+    precision = cfg.train.precision if cfg.train.precision == "fp32" else f"{cfg.train.precision}-autocast"
     return hashlib.sha1(json.dumps([cfg.model.model_dump(mode="json"), cfg.quant.model_dump(mode="json"),
-                                    cfg.train.objective, cfg.train.precision, init_digest, digest],
+                                    cfg.train.objective, precision, init_digest, digest],
                                    sort_keys=True).encode()).hexdigest()
+
+
+# Where and how many checkpoints are kept: no part of the result, so changing them resumes the same run.
+CHECKPOINT_STORAGE_FIELDS = ("checkpoint_dir", "keep_checkpoints")
 
 
 def run_name(cfg: RunConfig, digest: str, init_digest: str | None = None) -> str:
     """The Ray Train run's name, hence its checkpoint folder: a resumed run continues only the same
     configuration on the same pairs from the same starting weights, never a run on other pairs."""
-    return "train-" + _hash([cfg.model_dump(mode="json"), digest, init_digest])
+    data = cfg.model_dump(mode="json")
+    for k in CHECKPOINT_STORAGE_FIELDS:
+        data["train"].pop(k, None)
+    return "train-" + _hash([data, digest, init_digest])
 
 
 def reference_rows(cfg: RunConfig, rows: list[dict[str, Any]], out: Path, pad_id: int = 0,
@@ -173,7 +193,7 @@ def run_train(cfg: RunConfig, init_weights: dict[str, torch.Tensor] | None = Non
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(name=name, storage_path=str(out / "ray"),
-                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                                 failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     t0 = time.time()

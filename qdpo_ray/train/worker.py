@@ -248,7 +248,12 @@ def _report_with_checkpoint(engine, cfg, metrics, history, step, rank, final: bo
     from ray.train import Checkpoint
     from safetensors.torch import save_file
 
-    with tempfile.TemporaryDirectory() as d:
+    # train.checkpoint_dir: a local disk sized for the checkpoint (~12-16 B per parameter over all ranks,
+    # memory.checkpoint_bytes); Ray Train copies the directory to storage_path and it is removed after
+    local = cfg.train.checkpoint_dir
+    if local:
+        Path(local).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=local, prefix=f"step{step:07d}-rank{rank}-") as d:
         engine.save_checkpoint(d, tag=DS_TAG)  # collective: every rank writes its ZeRO partition
         sd = _full_state_dict(engine, cfg) if final else None
         if rank == 0:
