@@ -302,7 +302,9 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     max_prompt_len: int = Field(256, ge=1, description="Prompt tokens kept (left-truncated).")
     max_response_len: int = Field(128, ge=1, description="Response tokens kept (right-truncated).")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (bf16 on GPUs).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Compute precision of training (bf16 on GPUs): bf16 autocast over fp32 parameters, so "
+        "the fake-quant rounds the weights π_q was made from and the final policy is fp32.")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload: bool = Field(False, description="ZeRO-Offload optimizer states to CPU (DeepSpeedCPUAdam).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
