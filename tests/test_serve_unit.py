@@ -229,7 +229,7 @@ def test_require_key_fails_closed_when_the_replica_lacks_it(monkeypatch):
     assert c.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
 
 
-# ---- request limits (issue 11: defaults and caps before a request reaches an engine) -------------------
+# ---- request limits (defaults and caps before a request reaches an engine) -------------------
 
 SETTINGS = {"fp_name": "fp16", "w4_name": "w4", "max_prompt_chars": 200, "max_tokens": 512,
             "max_request_tokens": 2048, "max_prompts_per_request": 16, "compare_max_tokens": 64}
